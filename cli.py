@@ -1,0 +1,114 @@
+"""The `fxopt` command: parse arguments → fxopt.optimize → write artifacts. Nothing else lives here.
+
+Installed as `fxopt.console.cli` (see pyproject.toml), so no top-level `cli` module lands in
+site-packages. User errors print one line on stderr and exit with code 2; an internal error
+prints one line and exits with 1 (FXOPT_DEBUG=1 shows its traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from fxopt import rules as rules_mod
+from fxopt import substitutes
+from fxopt.errors import FxoptError, StrictFailure
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="fxopt: rewrite a PyTorch model's linear/conv layers by YAML rules, validated.")
+rules_app = typer.Typer(no_args_is_help=True, help="Check rule files; list substitutes and their parameters.")
+app.add_typer(rules_app, name="rules")
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FxoptError as exc:
+            err_console.print(f"fxopt: error: {exc}", markup=False)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("FXOPT_DEBUG"):
+                raise
+            err_console.print(f"fxopt: internal error: {type(exc).__name__}: {exc} "
+                              "(set FXOPT_DEBUG=1 for the traceback)", markup=False)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+@app.command()
+@_one_line_errors
+def optimize(
+    model: Path = typer.Argument(..., help="MODEL.py defining `model` or `build_model()`, and `example_inputs()`"),
+    rules: str = typer.Option(..., "--rules", "-r", help="rule file path, or a shipped rule set's name (e.g. kron)"),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="output directory (replaced atomically)"),
+    calib_batches: int = typer.Option(8, "--calib-batches", min=0, help="calibration batches used for validation"),
+    strict: bool = typer.Option(False, "--strict", help="exit 2 if any site is rolled back or end-to-end tolerance fails"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
+) -> None:
+    """Trace MODEL.py, apply RULES, validate, and write model.pt2 and reports into OUT."""
+    from fxopt.pipeline import optimize as run
+    from fxopt.report import print_summary
+    from fxopt.trace import calibration_batches, load_model_file
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    ruleset = rules_mod.load(rules)  # rule errors before the (slower) model import
+    spec = load_model_file(model)
+    result = run(spec.model, spec.example_inputs, ruleset,
+                 calibration=calibration_batches(spec, calib_batches), source=str(model))
+    result.save(out)
+    print_summary(result.report, console)
+    console.print(f"wrote {out}/model.pt2, report.json, report.md")
+    totals, e2e = result.report["totals"], result.report["end_to_end"]
+    if strict and (totals["rolled_back"] or e2e["violations"]):
+        problems = [f"{totals['rolled_back']} site(s) rolled back"] if totals["rolled_back"] else []
+        raise StrictFailure("--strict: " + "; ".join(problems + e2e["violations"]) + f" (results kept in {out})")
+
+
+@rules_app.command("check")
+@_one_line_errors
+def rules_check(files: list[str] = typer.Argument(..., help="rule files (or shipped names) to validate")) -> None:
+    """Validate rule files without a model."""
+    for f in files:
+        ruleset = rules_mod.load(f)
+        names = ", ".join(f"{r.name} → {r.substitute}" for r in ruleset.rules)
+        console.print(f"{f}: ok, {len(ruleset.rules)} rule(s): {names}", markup=False)
+
+
+@rules_app.command("list")
+@_one_line_errors
+def rules_list() -> None:
+    """Substitutes, their parameters and defaults, and the shipped rule sets."""
+    for name in substitutes.names():
+        spec = substitutes.get(name)
+        table = Table(title=f"{spec.name}: {spec.summary} · replaces {', '.join(spec.ops)}", title_justify="left")
+        for col in ("parameter", "default", "meaning"):
+            table.add_column(col, overflow="fold")
+        for p in spec.params:
+            table.add_row(p.name, escape(repr(p.default)), escape(p.doc))
+        console.print(table)
+    shipped = ", ".join(f"{k} ({v.name})" for k, v in sorted(rules_mod.shipped().items()))
+    console.print(f"shipped rule sets (use by name with --rules): {shipped}", markup=False)
+
+
+def main() -> None:
+    app(prog_name="fxopt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""FLOPs of linear and convolution layers: 2 × the multiply-accumulates of their matmuls and
+convolutions (bias adds and elementwise ops are not counted), for given input/output shapes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def dense_flops(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> int:
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return 2 * math.prod(in_shape[:-1]) * w.shape[0] * w.shape[1]
+    # conv: every output element costs (in_channels / groups) · kernel MACs
+    return 2 * math.prod(out_shape) * math.prod(w.shape[1:])
+
+
+def flops(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> int:
+    """FLOPs of a dense layer or of a substitute (which defines `flops(in_shape, out_shape)`)."""
+    if hasattr(module, "flops"):
+        return module.flops(in_shape, out_shape)
+    return dense_flops(module, in_shape, out_shape)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

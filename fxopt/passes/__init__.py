@@ -1,0 +1,7 @@
+"""Graph passes. Each is a small function `GraphModule → (GraphModule, records)` that ends with
+`graph.lint()` and `recompile()` (DESIGN principle 5)."""
+
+from .cleanup import cleanup
+from .substitute import substitute
+
+__all__ = ["substitute", "cleanup"]

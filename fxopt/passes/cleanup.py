@@ -1,0 +1,27 @@
+"""The cleanup pass: drop dead nodes, and parameters and submodules no node uses any more.
+
+After a functional site is rewritten, its original weight is still an attribute of the
+GraphModule; dropping it is what makes the saved model smaller.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+
+def cleanup(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    dropped = []
+    for kind, named in (("parameter", gm.named_parameters), ("buffer", gm.named_buffers)):
+        for name, _ in list(named(remove_duplicate=False)):
+            if name in used_attrs or any(name.startswith(m + ".") for m in used_modules):
+                continue
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+            dropped.append({"dropped": name, "kind": kind})
+    gm.graph.lint()
+    gm.recompile()
+    return gm, dropped

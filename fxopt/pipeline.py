@@ -1,0 +1,213 @@
+"""`optimize()`: the whole pipeline, one named stage per line.
+
+    trace → match → build → validate → substitute → cleanup → export → end_to_end
+
+* trace:      model → GraphModule with shapes (symbolic_trace, else torch.export)
+* match:      every linear/conv site, and the rule (if any) that claims it
+* build:      the rule's substitute via `from_original`; guards may decline
+* validate:   each substitute against its original layer on identical inputs; a site that
+              violates its rule's tolerance is rolled back (the original stays in the graph)
+* substitute: the accepted substitutes go into the graph (pass)
+* cleanup:    dead nodes and unused parameters go (pass)
+* export:     the rewritten graph as a torch.export program: what is saved and what `load` returns
+* end_to_end: the exported program against the user's original model
+
+Every stage's name and time go into the log and the report; every site leaves a record.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+
+from . import __name__ as _pkg
+from . import rules as rules_mod
+from . import substitutes
+from .errors import FxoptError
+from .flops import dense_flops, flops, param_count
+from .match import Decision, Site, choose_rules, find_sites
+from .passes import cleanup, substitute
+from .trace import trace
+from .validate import end_to_end, site_errors
+
+log = logging.getLogger(_pkg)
+
+
+@dataclass
+class SiteRecord:
+    """What happened at one site; `report.json`'s `sites` entries are these, as dicts."""
+
+    name: str
+    key: str
+    op: str
+    form: str
+    rule: str | None
+    substitute: str | None
+    status: str  # applied | rolled_back | skipped
+    reason: str | None
+    params: dict[str, Any]
+    module_before: str
+    module_after: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    reconstruction_error: float | None = None
+    error: dict[str, float | None] | None = None
+    tolerance: dict[str, float] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    build_seconds: float = 0.0
+
+
+@dataclass
+class Result:
+    """The rewritten model, its exported program, and its report.
+
+    `model` is the rewritten fx GraphModule (substitutes appear as modules, e.g. `KronLinear`);
+    `program` is its torch.export program, which `save` writes and `fxopt.load` reads back.
+    """
+
+    model: fx.GraphModule
+    program: torch.export.ExportedProgram
+    report: dict[str, Any]
+
+    def save(self, out_dir: str | Path) -> Path:
+        from .save import save
+
+        return save(self, out_dir)
+
+
+class _Stages:
+    def __init__(self):
+        self.timings: list[dict[str, Any]] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        log.info("stage %s", name)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.timings.append({"name": name, "seconds": round(seconds, 4)})
+        log.info("stage %s done in %.2f s", name, seconds)
+
+
+def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
+             calibration: Iterable[tuple] | None = None, source: str | None = None) -> Result:
+    """Rewrite `model` by `rules` (a path, a shipped name such as "kron", or a RuleSet).
+
+    Validation runs on the example inputs and on every calibration batch given.
+    """
+    ruleset = rules_mod.load(rules)
+    batches = [tuple(example_inputs)] + [tuple(b) for b in (calibration or [])]
+    stage = _Stages()
+    with stage("trace"):
+        traced = trace(model, tuple(example_inputs), source or type(model).__name__)
+    with stage("match"):
+        decisions = choose_rules(find_sites(traced.gm), ruleset)
+    with stage("build"):
+        records, candidates = build(decisions)
+    with stage("validate"):
+        accepted = validate_sites(traced.gm, candidates, records, batches)
+    with stage("substitute"):
+        gm, _ = substitute(traced.gm, accepted)
+    with stage("cleanup"):
+        gm, _ = cleanup(gm)
+    with stage("export"):
+        program = export(gm, tuple(example_inputs))
+    with stage("end_to_end"):
+        e2e = end_to_end(model, program.module(), batches)
+
+    from .report import build_report
+
+    report = build_report(
+        records=list(records.values()), e2e=e2e, ruleset=ruleset, traced=traced,
+        params=(param_count(model), param_count(gm)), stages=stage.timings,
+        batches=len(batches), source=source,
+    )
+    return Result(gm, program, report)
+
+
+def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[Site, nn.Module]]]:
+    """A record per site, and a substitute (from `from_original`) for each site a rule claims."""
+    records, candidates = {}, []
+    for d in decisions:
+        rec = _record(d)
+        records[d.site.key] = rec
+        if d.rule is None:
+            continue
+        spec = substitutes.get(d.rule.substitute)
+        start = time.perf_counter()
+        try:
+            module = spec.build(d.site.module, d.rule.param_dict).eval()
+        except substitutes.Decline as exc:
+            rec.status, rec.reason = "skipped", f"declined by {spec.name}: {exc}"
+            continue
+        rec.build_seconds = round(time.perf_counter() - start, 4)
+        rec.module_after = repr(module).replace("\n", " ")
+        rec.params_after = param_count(module)
+        rec.flops_after = flops(module, d.site.in_shape, d.site.out_shape)
+        rec.reconstruction_error = getattr(module, "reconstruction_error", None)
+        candidates.append((d.site, module))
+    return records, candidates
+
+
+def _record(d: Decision) -> SiteRecord:
+    site, rule = d.site, d.rule
+    before = param_count(site.module)
+    dense = dense_flops(site.module, site.in_shape, site.out_shape)
+    return SiteRecord(
+        name=site.name, key=site.key, op=site.op, form=site.form,
+        rule=rule.name if rule else None, substitute=rule.substitute if rule else None,
+        status="skipped", reason=d.reason, params=rule.param_dict if rule else {},
+        module_before=repr(site.module).replace("\n", " ") if site.form == "module" else f"{site.form} {site.op}",
+        module_after="unchanged", params_before=before, params_after=before,
+        flops_before=dense, flops_after=dense,
+        tolerance=rule.tolerance.as_dict() if rule else {},
+    )
+
+
+def validate_sites(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]],
+                   records: dict[str, SiteRecord], batches: list[tuple]) -> list[tuple[Site, nn.Module]]:
+    """Measure each candidate against its original layer; keep those within their rule's tolerance."""
+    errors = site_errors(gm, candidates, batches)
+    accepted = []
+    for site, module in candidates:
+        rec = records[site.key]
+        rec.error = errors[site.key]
+        failed = rec.error.pop("failed", None)
+        violations = [failed] if failed else _violations(rec)
+        if violations:
+            rec.status, rec.violations = "rolled_back", violations
+            rec.reason = "tolerance violated: " + "; ".join(violations)
+            rec.module_after, rec.params_after, rec.flops_after = "unchanged", rec.params_before, rec.flops_before
+        else:
+            rec.status = "applied"
+            accepted.append((site, module))
+    return accepted
+
+
+def _violations(rec: SiteRecord) -> list[str]:
+    if any(isinstance(v, float) and math.isnan(v) for v in rec.error.values()):
+        return ["substitute produced non-finite values"]
+    return rules_mod.Tolerance(**rec.tolerance).violations(rec.error)
+
+
+def export(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """The rewritten graph as a torch.export program, batch dimension dynamic where it can be."""
+    dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
+    try:
+        return torch.export.export(gm, example_inputs, strict=False, dynamic_shapes=dynamic)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FxoptError(f"cannot export the rewritten model: {type(exc).__name__}: {first}") from None
+
+
+__all__ = ["optimize", "Result", "SiteRecord"]

@@ -1,0 +1,134 @@
+"""Reports: format the pipeline's records, nothing else (DESIGN principle 10).
+
+`report.json` keys are stable (schema 1): `sites` (one entry per linear/conv site), `end_to_end`
+(error keys, `top1_agreement` for classifier outputs, whole-model params and site FLOPs,
+the end-to-end tolerance and its violations), `totals`, `stages`, `trace`, `rules`, `model`.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+REPORT_SCHEMA = 1
+ERROR_KEYS = ("max_abs", "rel_l2", "sqnr_db", "cosine")
+
+
+def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source) -> dict[str, Any]:
+    from . import __version__
+
+    sites = [asdict(r) for r in records]
+    counts = {s: sum(r.status == s for r in records) for s in ("applied", "rolled_back", "skipped")}
+    flops_before = sum(r.flops_before for r in records)
+    flops_after = sum(r.flops_after for r in records)
+    violations = ruleset.end_to_end.violations(e2e)
+    if any(isinstance(v, float) and math.isnan(v) for v in e2e.values()):
+        violations.append("rewritten model produced non-finite values")
+    end_to_end = {
+        **{k: e2e.get(k) for k in ERROR_KEYS},
+        "top1_agreement": e2e.get("top1_agreement"),
+        "params_before": params[0], "params_after": params[1],
+        "flops_before": flops_before, "flops_after": flops_after,
+        "tolerance": ruleset.end_to_end.as_dict(), "violations": violations,
+    }
+    return {
+        "schema": REPORT_SCHEMA,
+        "fxopt_version": __version__,
+        "model": source,
+        "rules": ruleset.source,
+        "trace": {"method": traced.method, "fallback_reason": traced.fallback_reason},
+        "validation_batches": batches,
+        "stages": stages,
+        "sites": sites,
+        "end_to_end": end_to_end,
+        "totals": {"sites": len(records), **counts,
+                   "site_params_before": sum(r.params_before for r in records),
+                   "site_params_after": sum(r.params_after for r in records),
+                   "flops_before": flops_before, "flops_after": flops_after},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+    }
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def ratio(before: int, after: int) -> str:
+    return f"{before / after:.1f}×" if after else "—"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    e, t = report["end_to_end"], report["totals"]
+    lines = [
+        f"# fxopt report: {report['model']}",
+        "",
+        f"Rules: `{report['rules']}` · traced with `{report['trace']['method']}`"
+        + (f" (symbolic_trace failed: {report['trace']['fallback_reason']})" if report["trace"]["fallback_reason"] else "")
+        + f" · validated on {report['validation_batches']} batch(es) · fxopt {report['fxopt_version']}, "
+          f"torch {report['environment']['torch']}",
+        "",
+        f"Sites: {t['sites']} · applied {t['applied']} · rolled back {t['rolled_back']} · skipped {t['skipped']}",
+        "",
+        "## End to end",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {fmt(e[k])} |" for k in (*ERROR_KEYS, "top1_agreement")),
+        f"| params | {fmt(e['params_before'])} → {fmt(e['params_after'])} ({ratio(e['params_before'], e['params_after'])}) |",
+        f"| linear/conv FLOPs | {fmt(e['flops_before'])} → {fmt(e['flops_after'])} ({ratio(e['flops_before'], e['flops_after'])}) |",
+        f"| tolerance | {e['tolerance'] or '—'} |",
+        f"| violations | {'; '.join(e['violations']) or 'none'} |",
+        "",
+        "## Sites",
+        "",
+        "| site | op | rule | substitute | status | params | FLOPs | weight error | sqnr dB | rel L2 | cosine | max abs | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report["sites"]:
+        err = s["error"] or {}
+        lines.append(
+            f"| `{s['key']}` | {s['op']} ({s['form']}) | {s['rule'] or '—'} | {s['substitute'] or '—'} | {s['status']} "
+            f"| {fmt(s['params_before'])} → {fmt(s['params_after'])} | {fmt(s['flops_before'])} → {fmt(s['flops_after'])} "
+            f"| {fmt(s['reconstruction_error'])} | {fmt(err.get('sqnr_db'))} | {fmt(err.get('rel_l2'))} "
+            f"| {fmt(err.get('cosine'))} | {fmt(err.get('max_abs'))} | {(s['reason'] or '').replace('|', '/')} |")
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|",
+              *(f"| {s['name']} | {s['seconds']:.3f} |" for s in report["stages"]), ""]
+    return "\n".join(lines)
+
+
+STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "skipped": "dim"}
+
+
+def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
+    """A short terminal summary: one row per site, then the end-to-end line."""
+    console = console or Console()
+    table = Table(title=f"fxopt · {report['model']} · {report['rules']}", title_justify="left")
+    for col in ("site", "substitute", "status", "params", "sqnr dB", "note"):
+        table.add_column(col, overflow="fold")
+    for s in report["sites"]:
+        err = s["error"] or {}
+        note = s["reason"] or ""
+        table.add_row(s["key"], s["substitute"] or "—", f"[{STATUS_STYLE[s['status']]}]{s['status']}[/]",
+                      f"{fmt(s['params_before'])} → {fmt(s['params_after'])}", fmt(err.get("sqnr_db"), 3),
+                      note if len(note) < 70 else note[:67] + "…")
+    console.print(table)
+    e = report["end_to_end"]
+    top1 = f" · top-1 agreement {e['top1_agreement']:.3f}" if e["top1_agreement"] is not None else ""
+    console.print(f"end to end: sqnr {fmt(e['sqnr_db'], 3)} dB · cosine {fmt(e['cosine'], 5)} · "
+                  f"max abs {fmt(e['max_abs'], 3)}{top1} · params {ratio(e['params_before'], e['params_after'])} smaller"
+                  f" · linear/conv FLOPs {ratio(e['flops_before'], e['flops_after'])} fewer")
+    for v in e["violations"]:
+        console.print(f"[red]end-to-end tolerance violated: {v}[/]")

@@ -1,0 +1,339 @@
+"""Rule files (YAML, schema version 1) → frozen dataclasses.
+
+A rule file names which layers to rewrite and with what; it holds no code (DESIGN principle 1):
+
+    version: 1
+    rules:
+      - name: kron-big-linears
+        match:
+          op: linear                       # linear | conv1d | conv2d, or a list
+          module_type: Linear              # class name (subclasses match); module calls only
+          name: "blocks.*"                 # glob(s) on the qualified name
+          name_regex: "^blocks\\.[0-9]+\\.fc"
+          in_features: {min: 64, divisible_by: 4}
+          out_features: {min: 64}          # conv: in_channels, out_channels, kernel_size
+          exclude: {first: true, last: true, name: ["head"]}
+        substitute: kron
+        params: {compression: 8}
+        tolerance: {sqnr_db: 3.0}          # max_abs, rel_l2 (≤) · sqnr_db, cosine (≥)
+        priority: 0                        # highest wins when several rules match a site
+    end_to_end: {top1_agreement: 0.9}      # whole-model check; --strict fails when violated
+
+Every error names `file:line:column` (positions come from `yaml.compose`, which keeps them).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import substitutes
+from .errors import RuleError
+from .substitutes import OPS
+
+SCHEMA_VERSION = 1
+LINEAR_KEYS = ("in_features", "out_features")
+CONV_KEYS = ("in_channels", "out_channels", "kernel_size")
+METRICS = {"max_abs": "max", "rel_l2": "max", "sqnr_db": "min", "cosine": "min", "top1_agreement": "min"}
+SITE_METRICS = ("max_abs", "rel_l2", "sqnr_db", "cosine")  # top1_agreement is end to end only
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A shape predicate: min ≤ value ≤ max and value % divisible_by == 0."""
+
+    min: int | None = None
+    max: int | None = None
+    divisible_by: int | None = None
+
+    def reason(self, key: str, value: int) -> str | None:
+        """Why `value` fails this bound, or None when it passes."""
+        if self.min is not None and value < self.min:
+            return f"{key}={value} < min {self.min}"
+        if self.max is not None and value > self.max:
+            return f"{key}={value} > max {self.max}"
+        if self.divisible_by is not None and value % self.divisible_by:
+            return f"{key}={value} not divisible by {self.divisible_by}"
+        return None
+
+
+@dataclass(frozen=True)
+class Exclude:
+    first: bool = False  # the first linear/conv site of the graph, in execution order
+    last: bool = False  # the last one
+    names: tuple[str, ...] = ()
+    name_regex: str | None = None
+
+
+@dataclass(frozen=True)
+class Match:
+    ops: tuple[str, ...] = OPS
+    module_types: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    name_regex: str | None = None
+    shape: tuple[tuple[str, Bound], ...] = ()
+    exclude: Exclude = Exclude()
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Per-site acceptance thresholds; unset metrics are not checked."""
+
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    sqnr_db: float | None = None
+    cosine: float | None = None
+    top1_agreement: float | None = None
+
+    def violations(self, error: dict[str, float | None]) -> list[str]:
+        out = []
+        for metric, kind in METRICS.items():
+            limit, value = getattr(self, metric), error.get(metric)
+            if limit is None:
+                continue
+            if value is None:  # sqnr of an exact match is None (infinite): passes a minimum
+                continue
+            if (kind == "max" and value > limit) or (kind == "min" and value < limit):
+                op = ">" if kind == "max" else "<"
+                out.append(f"{metric} {value:.4g} {op} {limit:g}")
+        return out
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in METRICS if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: Match
+    substitute: str
+    params: tuple[tuple[str, Any], ...]
+    tolerance: Tolerance
+    priority: int
+    index: int  # position in the file; breaks priority ties (earlier wins)
+    where: str  # "file:line"
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    source: str
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+    end_to_end: Tolerance = Tolerance()  # checked on the whole model's outputs (`--strict`)
+
+
+# --- reading YAML nodes with positions ---------------------------------------------------
+
+class _Reader:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, node: yaml.Node, message: str) -> RuleError:
+        mark = node.start_mark
+        return RuleError(self.source, mark.line + 1, mark.column + 1, message)
+
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{what} must be a mapping")
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name not in allowed:
+                raise self.fail(key, f"unknown key {name!r} in {what} (allowed: {', '.join(allowed)})")
+            if name in out:
+                raise self.fail(key, f"duplicate key {name!r} in {what}")
+            out[name] = (key, value)
+        for name in required:
+            if name not in out:
+                raise self.fail(node, f"{what} is missing required key {name!r}")
+        return out
+
+    def plain(self, node: yaml.Node) -> Any:
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+    def scalar(self, node: yaml.Node, what: str, kind: type) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, f"{what} must be a {kind.__name__}")
+        value = self.plain(node)
+        if kind is float and isinstance(value, str):  # PyYAML reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise self.fail(node, f"{what} must be a {kind.__name__}, got {value!r}")
+        return value
+
+    def strings(self, node: yaml.Node, what: str) -> tuple[str, ...]:
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        return tuple(self.scalar(item, what, str) for item in items)
+
+    def regex(self, node: yaml.Node, what: str) -> str:
+        pattern = self.scalar(node, what, str)
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise self.fail(node, f"{what} is not a valid regular expression: {exc}") from None
+        return pattern
+
+
+def _bound(r: _Reader, node: yaml.Node, key: str) -> Bound:
+    fields = r.mapping(node, key, ("min", "max", "divisible_by"))
+    values = {}
+    for name, (_, value) in fields.items():
+        values[name] = r.scalar(value, f"{key}.{name}", int)
+        if values[name] < (1 if name == "divisible_by" else 0):
+            raise r.fail(value, f"{key}.{name} must be {'positive' if name == 'divisible_by' else '≥ 0'}")
+    if values.get("min") is not None and values.get("max") is not None and values["min"] > values["max"]:
+        raise r.fail(node, f"{key}: min {values['min']} > max {values['max']}")
+    return Bound(**values)
+
+
+def _exclude(r: _Reader, node: yaml.Node) -> Exclude:
+    fields = r.mapping(node, "exclude", ("first", "last", "name", "name_regex"))
+    return Exclude(
+        first=r.scalar(fields["first"][1], "exclude.first", bool) if "first" in fields else False,
+        last=r.scalar(fields["last"][1], "exclude.last", bool) if "last" in fields else False,
+        names=r.strings(fields["name"][1], "exclude.name") if "name" in fields else (),
+        name_regex=r.regex(fields["name_regex"][1], "exclude.name_regex") if "name_regex" in fields else None,
+    )
+
+
+def _match(r: _Reader, node: yaml.Node) -> Match:
+    allowed = ("op", "module_type", "name", "name_regex", "exclude") + LINEAR_KEYS + CONV_KEYS
+    fields = r.mapping(node, "match", allowed)
+    ops = OPS
+    if "op" in fields:
+        ops = r.strings(fields["op"][1], "match.op")
+        for op in ops:
+            if op not in OPS:
+                raise r.fail(fields["op"][1], f"unknown op {op!r} (known: {', '.join(OPS)})")
+    shape = []
+    for key in LINEAR_KEYS + CONV_KEYS:
+        if key in fields:
+            family = ("linear",) if key in LINEAR_KEYS else ("conv1d", "conv2d")
+            if not set(ops) & set(family):
+                raise r.fail(fields[key][0], f"{key} applies to {'/'.join(family)}, but the rule matches only {', '.join(ops)}")
+            shape.append((key, _bound(r, fields[key][1], key)))
+    return Match(
+        ops=ops,
+        module_types=r.strings(fields["module_type"][1], "match.module_type") if "module_type" in fields else (),
+        names=r.strings(fields["name"][1], "match.name") if "name" in fields else (),
+        name_regex=r.regex(fields["name_regex"][1], "match.name_regex") if "name_regex" in fields else None,
+        shape=tuple(shape),
+        exclude=_exclude(r, fields["exclude"][1]) if "exclude" in fields else Exclude(),
+    )
+
+
+def _tolerance(r: _Reader, node: yaml.Node, what: str, metrics: tuple[str, ...]) -> Tolerance:
+    fields = r.mapping(node, what, metrics)
+    values = {k: r.scalar(v, f"{what}.{k}", float) for k, (_, v) in fields.items()}
+    for k, (_, v) in fields.items():
+        if k in ("max_abs", "rel_l2") and values[k] < 0 or k == "cosine" and not -1 <= values[k] <= 1 \
+                or k == "top1_agreement" and not 0 <= values[k] <= 1:
+            raise r.fail(v, f"{what}.{k} out of range: {values[k]:g}")
+    return Tolerance(**values)
+
+
+def _params(r: _Reader, node: yaml.Node | None, spec: substitutes.SubstituteSpec) -> dict[str, Any]:
+    if node is None:
+        return spec.parse_params({})
+    fields = r.mapping(node, f"params of {spec.name!r}", tuple(p.name for p in spec.params))
+    for name, (_, value) in fields.items():
+        try:
+            spec.parse_params({name: r.plain(value)})
+        except (ValueError, KeyError) as exc:
+            raise r.fail(value, f"params.{name}: {exc.args[0]}") from None
+    try:
+        return spec.parse_params({name: r.plain(value) for name, (_, value) in fields.items()})
+    except (ValueError, KeyError) as exc:
+        raise r.fail(node, f"params: {exc.args[0]}") from None
+
+
+def _rule(r: _Reader, node: yaml.Node, index: int) -> Rule:
+    allowed = ("name", "match", "substitute", "params", "tolerance", "priority")
+    fields = r.mapping(node, f"rule #{index + 1}", allowed, required=("substitute",))
+    sub_node = fields["substitute"][1]
+    try:
+        spec = substitutes.get(r.scalar(sub_node, "substitute", str))
+    except KeyError as exc:
+        raise r.fail(sub_node, exc.args[0]) from None
+    match = _match(r, fields["match"][1]) if "match" in fields else Match()
+    if len(match.ops) == len(OPS):  # no op given: whatever the substitute can replace
+        match = replace(match, ops=spec.ops)
+    elif set(match.ops) - set(spec.ops):
+        bad = ", ".join(sorted(set(match.ops) - set(spec.ops)))
+        raise r.fail(fields["match"][1], f"substitute {spec.name!r} cannot replace {bad}")
+    params = _params(r, fields["params"][1] if "params" in fields else None, spec)
+    return Rule(
+        name=r.scalar(fields["name"][1], "name", str) if "name" in fields else f"rule{index + 1}",
+        match=match,
+        substitute=spec.name,
+        params=tuple(params.items()),
+        tolerance=_tolerance(r, fields["tolerance"][1], "tolerance", SITE_METRICS) if "tolerance" in fields else Tolerance(),
+        priority=r.scalar(fields["priority"][1], "priority", int) if "priority" in fields else 0,
+        index=index,
+        where=f"{r.source}:{node.start_mark.line + 1}",
+    )
+
+
+def parse(text: str, source: str = "<rules>") -> RuleSet:
+    """Parse rule-file text; raises RuleError naming source:line:column."""
+    r = _Reader(source)
+    try:
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise RuleError(source, line, col, f"invalid YAML: {exc.problem or exc.context}") from None
+    if root is None:
+        raise RuleError(source, 1, 1, "empty rule file")
+    fields = r.mapping(root, "the rule file", ("version", "rules", "end_to_end"), required=("version", "rules"))
+    version_node = fields["version"][1]
+    if r.scalar(version_node, "version", int) != SCHEMA_VERSION:
+        raise r.fail(version_node, f"unsupported schema version (this fxopt reads version {SCHEMA_VERSION})")
+    rules_node = fields["rules"][1]
+    if not isinstance(rules_node, yaml.SequenceNode) or not rules_node.value:
+        raise r.fail(rules_node, "rules must be a non-empty list")
+    rules = tuple(_rule(r, node, i) for i, node in enumerate(rules_node.value))
+    seen: dict[str, Rule] = {}
+    for rule, node in zip(rules, rules_node.value):
+        if rule.name in seen:
+            raise r.fail(node, f"duplicate rule name {rule.name!r} (first at {seen[rule.name].where})")
+        seen[rule.name] = rule
+    e2e = _tolerance(r, fields["end_to_end"][1], "end_to_end", tuple(METRICS)) if "end_to_end" in fields else Tolerance()
+    return RuleSet(source=source, rules=rules, end_to_end=e2e)
+
+
+def shipped() -> dict[str, Path]:
+    """Rule files shipped with fxopt, by stem (`kron` → …/rules/kron.yaml)."""
+    folder = resources.files("fxopt.rulesets")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load(spec: str | Path | RuleSet) -> RuleSet:
+    """A RuleSet from a path, a shipped rule set's name (`"kron"`), or a RuleSet (returned as is)."""
+    if isinstance(spec, RuleSet):
+        return spec
+    path = Path(spec)
+    if not path.exists() and isinstance(spec, str) and spec in shipped():
+        path = shipped()[spec]
+    if not path.is_file():
+        known = ", ".join(sorted(shipped()))
+        raise RuleError(str(spec), 1, 1, f"no such rule file (shipped rule sets: {known})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleError(str(spec), 1, 1, f"cannot read rule file: {exc}") from None
+    return parse(text, str(spec))

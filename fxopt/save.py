@@ -1,0 +1,111 @@
+"""Saving and loading results.
+
+An output directory holds
+
+    model.pt2      the rewritten model as a torch.export program (weights included; no pickle)
+    report.json    machine-readable report (stable keys)
+    report.md      the same for people
+    manifest.json  marks the folder as an fxopt result
+
+It is written into a temporary sibling folder and renamed into place only once complete; an
+existing fxopt result is replaced only then, and a folder that is not an fxopt result is never
+touched. `load` runs the model without the original model file and without unpickling code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import OutputError
+
+MANIFEST = "manifest.json"
+FORMAT = "fxopt-result"
+
+
+def _json_safe(value):
+    """JSON has no NaN/Infinity: write them as null (the markdown report shows them)."""
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out`, on error it is removed."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise OutputError(f"{out}: directory is not empty and is not an fxopt result; refusing to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create output directory: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(result, out_dir: str | Path) -> Path:
+    """Write `result` (an fxopt.Result) into `out_dir` atomically; returns the folder."""
+    from . import __version__
+    from .report import markdown
+
+    out = Path(out_dir)
+    with atomic_directory(out) as tmp:
+        torch.export.save(result.program, tmp / "model.pt2")
+        report = _json_safe(result.report)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (tmp / "report.md").write_text(markdown(result.report), encoding="utf-8")
+        manifest = {"format": FORMAT, "version": 1, "fxopt_version": __version__, "model": "model.pt2"}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load a saved result (its folder, or its model.pt2) as a runnable module."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise OutputError(f"{path}: not an fxopt result (no {MANIFEST})")
+        try:
+            info = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OutputError(f"{manifest}: unreadable manifest: {exc}") from None
+        if info.get("format") != FORMAT:
+            raise OutputError(f"{manifest}: not an fxopt result manifest")
+        path = path / info.get("model", "model.pt2")
+    if not path.is_file():
+        raise OutputError(f"{path}: no such file")
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:
+        raise OutputError(f"{path}: cannot load exported program: {type(exc).__name__}: {exc}") from None
+    return program.module()

@@ -1,0 +1,289 @@
+"""Kronecker-factored Linear and Conv layers (Zhou et al., arXiv 1512.09194).
+
+A dense weight W (m × n) is replaced by a sum of R Kronecker products,
+
+    W ≈ Σ_r A_r ⊗ B_r,      A_r: m1 × n1,  B_r: m2 × n2,  m = m1·m2,  n = n1·n2,
+
+and applied without ever forming W: with the input reshaped to X (n1 × n2),
+(A ⊗ B)·vec(X) = vec(A · X · Bᵀ), i.e. two small GEMMs.
+
+`from_original` finds the nearest Kronecker sum in Frobenius norm (Van Loan & Pitsianis, 1993):
+rearranging W so that each block becomes a row turns Σ_r A_r ⊗ B_r into the rank-R matrix
+Σ_r vec(A_r)·vec(B_r)ᵀ, so a truncated SVD of the rearranged weight is optimal. At full rank
+(R = min(m1·n1, m2·n2)) the original weight is reproduced exactly.
+
+Convolutions are factored over channels and keep the spatial kernel in B:
+W[o1·O2+o2, i1·I2+i2, k] = Σ_r A_r[o1, i1] · B_r[o2, i2, k]; the layer becomes a small
+convolution applied to each of the I1 channel groups, followed by a channel mixing GEMM with A.
+
+    >>> layer = KronLinear.from_original(torch.nn.Linear(256, 256), rank=4)  # 32× fewer weights
+    >>> layer.factors, layer.rank
+    ((16, 16, 16, 16), 4)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import Decline, Param, SubstituteSpec, float_above, positive_int, register
+
+
+def _balanced(n: int) -> tuple[int, int]:
+    """n = a·b with a ≤ b and a as large as possible (the most balanced factorisation)."""
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+def choose_factors(m: int, n: int, k: int = 1) -> tuple[int, int, int, int]:
+    """(m1, m2, n1, n2) from the balanced splits of m and n, oriented to minimise the parameters
+    of one Kronecker term, m1·n1 + m2·n2·k (k: spatial kernel size, kept in B)."""
+    (ma, mb), (na, nb) = _balanced(m), _balanced(n)
+    candidates = [(m1, m // m1, n1, n // n1) for m1 in {ma, mb} for n1 in {na, nb}]
+    # fewest parameters first, then fewest MACs per term (n1·m2·(n2·k + m1)), then deterministic
+    return min(candidates, key=lambda f: (f[0] * f[2] + f[1] * f[3] * k, f[2] * f[1] * (f[3] * k + f[0]), f))
+
+
+def macs_ratio(m1: int, m2: int, n1: int, n2: int, rank: int, k: int = 1) -> float:
+    """MACs of the Kronecker layer over those of the dense one; the same for every input shape
+    (both scale with the number of rows / output pixels)."""
+    return rank * n1 * m2 * (n2 * k + m1) / (m1 * m2 * n1 * n2 * k)
+
+
+def nearest_kronecker_sum(weight: torch.Tensor, m1: int, m2: int, n1: int, n2: int, rank: int):
+    """Best rank-`rank` Kronecker sum of `weight` (m1·m2 × n1·n2 × *kernel) in Frobenius norm.
+
+    Returns A (rank, m1, n1), B (rank, m2, n2, *kernel) and the relative Frobenius error
+    ‖W − Σ A_r ⊗ B_r‖ / ‖W‖, read off the discarded singular values (no W is rebuilt).
+    """
+    kernel = tuple(weight.shape[2:])
+    k = math.prod(kernel)
+    # rearrangement R̃[(i1, j1), (i2, j2, k)] = W[i1·m2 + i2, j1·n2 + j2, k]
+    w = weight.detach().double().reshape(m1, m2, n1, n2, k).permute(0, 2, 1, 3, 4)
+    u, s, vh = torch.linalg.svd(w.reshape(m1 * n1, m2 * n2 * k), full_matrices=False)
+    root = s[:rank].sqrt()
+    a = (u[:, :rank] * root).T.reshape(rank, m1, n1)
+    b = (vh[:rank].T * root).T.reshape(rank, m2, n2, *kernel)
+    total = s.square().sum()
+    error = (s[rank:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+    return a.to(weight.dtype), b.to(weight.dtype), error
+
+
+def _resolve_rank(rank: Any, compression: float | None, max_flops_ratio: float | None,
+                  factors: tuple[int, int, int, int], k: int = 1) -> int:
+    """The rank to use: explicit, 'full', or the largest meeting `compression`; declines when it
+    would cost more than `max_flops_ratio` times the dense layer's FLOPs."""
+    m1, m2, n1, n2 = factors
+    dense, per_term, full = m1 * m2 * n1 * n2 * k, m1 * n1 + m2 * n2 * k, min(m1 * n1, m2 * n2 * k)
+    if rank == "full":
+        r = full
+    elif rank is not None:
+        if rank > full:
+            raise Decline(f"rank {rank} exceeds the full Kronecker rank {full}")
+        r = rank
+    else:
+        r = min(full, int(dense // (compression * per_term)))
+        if r < 1:
+            raise Decline(f"rank 1 compresses only {dense / per_term:.1f}×, below the requested {compression:g}×")
+    ratio = macs_ratio(m1, m2, n1, n2, r, k)
+    if max_flops_ratio is not None and ratio > max_flops_ratio:
+        raise Decline(f"rank {r} costs {ratio:.2f}× the dense FLOPs (max_flops_ratio {max_flops_ratio:g})")
+    return r
+
+
+class _Kron(nn.Module):
+    """Shared construction for the Kronecker layers: factors, rank, reconstruction error."""
+
+    def _setup(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, error: float):
+        self.A = nn.Parameter(a.contiguous())  # (R, m1, n1)
+        self.B = nn.Parameter(b.contiguous())  # (R, m2, n2, *kernel)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.reconstruction_error = error  # relative Frobenius error of the weight at build time
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def factors(self) -> tuple[int, int, int, int]:
+        """(m1, m2, n1, n2)."""
+        return self.A.shape[1], self.B.shape[1], self.A.shape[2], self.B.shape[2]
+
+    def dense_weight(self) -> torch.Tensor:
+        """Σ_r A_r ⊗ B_r materialised (for tests and error reports; forward never builds it)."""
+        r, m1, n1 = self.A.shape
+        _, m2, n2, *kernel = self.B.shape
+        w = torch.einsum("rij,rkl...->ikjl...", self.A, self.B)
+        return w.reshape(m1 * m2, n1 * n2, *kernel)
+
+
+class KronLinear(_Kron):
+    """y = x·Wᵀ + b with W = Σ_r A_r ⊗ B_r, computed as two small GEMMs."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, error: float = 0.0):
+        super().__init__()
+        self._setup(a, b, bias, error)
+        m1, m2, n1, n2 = self.factors
+        self.in_features, self.out_features = n1 * n2, m1 * m2
+
+    @classmethod
+    def from_original(cls, linear: nn.Linear, rank: int | str | None = None, compression: float | None = 32.0,
+                      factors: Any = "auto", max_flops_ratio: float | None = None) -> "KronLinear":
+        m, n = linear.weight.shape
+        m1, m2, n1, n2 = _factors(factors, m, n)
+        r = _resolve_rank(rank, compression, max_flops_ratio, (m1, m2, n1, n2))
+        a, b, err = nearest_kronecker_sum(linear.weight, m1, m2, n1, n2, r)
+        return cls(a, b, linear.bias, err)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, m1, n1 = self.A.shape
+        _, m2, n2 = self.B.shape
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, n1, n2)
+        batch = rows.shape[0]
+        # GEMM 1, X·B_rᵀ for all r at once: N·n1·n2·R·m2 MACs
+        t = rows.reshape(-1, n2) @ self.B.permute(2, 0, 1).reshape(n2, r * m2)
+        t = t.reshape(batch, n1, r, m2).permute(0, 3, 2, 1).reshape(batch * m2, r * n1)
+        # GEMM 2, Σ_r A_r·(X·B_rᵀ): N·m2·R·n1·m1 MACs
+        y = t @ self.A.permute(0, 2, 1).reshape(r * n1, m1)
+        y = y.reshape(batch, m2, m1).transpose(1, 2).reshape(*lead, m1 * m2)
+        return y if self.bias is None else y + self.bias
+
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size | None = None) -> int:
+        r, (m1, m2, n1, n2) = self.rank, self.factors
+        rows = math.prod(input_shape[:-1])
+        return 2 * rows * r * n1 * m2 * (n2 + m1)
+
+    def extra_repr(self) -> str:
+        m1, m2, n1, n2 = self.factors
+        return f"{self.in_features}→{self.out_features}, rank={self.rank}, A={m1}×{n1}, B={m2}×{n2}"
+
+
+class KronConv(_Kron):
+    """Channel-Kronecker convolution (1-d or 2-d): a small conv per input-channel group, then a
+    channel-mixing GEMM with A. Stride, padding and dilation are the original layer's."""
+
+    def __init__(self, a, b, bias, error: float, stride, padding, dilation):
+        super().__init__()
+        self._setup(a, b, bias, error)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        m1, m2, n1, n2 = self.factors
+        self.in_channels, self.out_channels = n1 * n2, m1 * m2
+        self.kernel_size = tuple(b.shape[3:])
+
+    @classmethod
+    def from_original(cls, conv: nn.Conv1d | nn.Conv2d, rank: int | str | None = None, compression: float | None = 32.0,
+                      factors: Any = "auto", max_flops_ratio: float | None = None) -> "KronConv":
+        if conv.groups != 1:
+            raise Decline(f"grouped convolution (groups={conv.groups}) is not Kronecker-factored")
+        if conv.padding_mode != "zeros":
+            raise Decline(f"padding_mode={conv.padding_mode!r} is not supported")
+        o, i, *kernel = conv.weight.shape
+        k = math.prod(kernel)
+        m1, m2, n1, n2 = _factors(factors, o, i, k)
+        r = _resolve_rank(rank, compression, max_flops_ratio, (m1, m2, n1, n2), k)
+        a, b, err = nearest_kronecker_sum(conv.weight, m1, m2, n1, n2, r)
+        cls_ = {1: KronConv1d, 2: KronConv2d}[len(kernel)]
+        return cls_(a, b, conv.bias, err, conv.stride, conv.padding, conv.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, m1, n1 = self.A.shape
+        _, m2, n2, *kernel = self.B.shape
+        batch, spatial = x.shape[0], x.shape[2:]
+        conv = F.conv1d if len(kernel) == 1 else F.conv2d
+        # small conv on each of the n1 channel groups, all R terms at once:
+        # N·n1·R·m2·n2·K·|out| MACs
+        z = conv(x.reshape(batch * n1, n2, *spatial), self.B.reshape(r * m2, n2, *kernel),
+                 None, self.stride, self.padding, self.dilation)
+        out = z.shape[2:]
+        pixels = math.prod(out)
+        # channel mixing with A: N·m2·|out|·R·n1·m1 MACs
+        z = z.reshape(batch, n1, r, m2, pixels).permute(0, 3, 4, 2, 1).reshape(-1, r * n1)
+        y = z @ self.A.permute(0, 2, 1).reshape(r * n1, m1)
+        y = y.reshape(batch, m2, pixels, m1).permute(0, 3, 1, 2).reshape(batch, m1 * m2, *out)
+        if self.bias is not None:
+            y = y + self.bias.reshape(-1, *([1] * len(out)))
+        return y
+
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
+        r, (m1, m2, n1, n2) = self.rank, self.factors
+        k, pixels = math.prod(self.kernel_size), math.prod(output_shape[2:])
+        return 2 * input_shape[0] * pixels * r * m2 * n1 * (n2 * k + m1)
+
+    def extra_repr(self) -> str:
+        m1, m2, n1, n2 = self.factors
+        kernel = "×".join(map(str, self.kernel_size))
+        return (f"{self.in_channels}→{self.out_channels}, kernel={kernel}, rank={self.rank}, "
+                f"A={m1}×{n1}, B={m2}×{n2}×{kernel}, stride={self.stride}, padding={self.padding}")
+
+
+class KronConv1d(KronConv):
+    pass
+
+
+class KronConv2d(KronConv):
+    pass
+
+
+def _factors(factors: Any, m: int, n: int, k: int = 1) -> tuple[int, int, int, int]:
+    if factors == "auto":
+        return choose_factors(m, n, k)
+    (m1, m2), (n1, n2) = factors["out"], factors["in"]
+    if m1 * m2 != m or n1 * n2 != n:
+        raise Decline(f"factors out={m1}×{m2}, in={n1}×{n2} do not fit a {m}×{n} weight")
+    return m1, m2, n1, n2
+
+
+# --- registration -------------------------------------------------------------------------
+
+def _parse_rank(value: Any) -> int | str:
+    return "full" if value == "full" else positive_int(value)
+
+
+def _parse_factors(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, dict) and set(value) == {"out", "in"}:
+        pairs = {k: v for k, v in value.items()}
+        if all(isinstance(v, list) and len(v) == 2 for v in pairs.values()):
+            return {k: tuple(positive_int(x) for x in v) for k, v in pairs.items()}
+    raise ValueError(f"expected 'auto' or {{out: [m1, m2], in: [n1, n2]}}, got {value!r}")
+
+
+def _optional(parse):
+    return lambda value: None if value is None else parse(value)
+
+
+def _check(given: Mapping[str, Any]) -> None:
+    if "rank" in given and "compression" in given:
+        raise ValueError("give either 'rank' or 'compression', not both")
+
+
+def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
+    compression = None if params["rank"] is not None else params["compression"]
+    kwargs = dict(rank=params["rank"], compression=compression, factors=params["factors"],
+                  max_flops_ratio=params["max_flops_ratio"])
+    if isinstance(module, nn.Linear):
+        return KronLinear.from_original(module, **kwargs)
+    return KronConv.from_original(module, **kwargs)
+
+
+SPEC = register(SubstituteSpec(
+    name="kron",
+    summary="W ≈ Σ_r A_r ⊗ B_r (Zhou et al. 1512.09194), nearest Kronecker sum by SVD",
+    ops=("linear", "conv1d", "conv2d"),
+    params=(
+        Param("rank", "number of Kronecker terms R, or 'full' (exact); overrides compression", None, _parse_rank),
+        Param("compression", "target parameter reduction of the weight; picks the largest R that meets it",
+              32.0, float_above(1.0)),
+        Param("max_flops_ratio", "decline when the factored layer would cost more than this times the dense "
+              "FLOPs (null: no limit)", 1.0, _optional(float_above(0.0))),
+        Param("factors", "'auto' (most balanced) or {out: [m1, m2], in: [n1, n2]}", "auto", _parse_factors),
+    ),
+    build=_build,
+    check=_check,
+))

@@ -1,0 +1,166 @@
+"""Model file / nn.Module + example inputs → GraphModule with shapes and dtypes in node.meta.
+
+`torch.fx.symbolic_trace` is tried first: it keeps module calls as `call_module` nodes, so rules
+see layer types and names directly. Models it cannot capture (control flow on tensor values or
+shapes, `.item()`, unsupported Python) fall back to `torch.export` (non-strict), whose graph has
+`aten.linear` / `aten.conv2d` calls on `get_attr` parameters; matching handles both. Tracing
+works on a deep copy because tracing can leave state behind in a model.
+
+Shapes come from running the graph once on the example inputs (`ShapeProp`), so every node has
+`node.meta["tensor_meta"]` whichever tracer produced it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import ModelFileError, TraceFailure
+
+
+@dataclass
+class ModelSpec:
+    """What a MODEL.py provides."""
+
+    path: Path
+    model: nn.Module
+    example_inputs: tuple
+    calibration_data: Callable[[], Iterable[Any]] | None
+
+
+@dataclass
+class Traced:
+    gm: fx.GraphModule
+    method: str  # "symbolic_trace" | "export"
+    fallback_reason: str | None  # why symbolic_trace was not used
+
+
+def load_model_file(path: str | Path) -> ModelSpec:
+    """Import MODEL.py and collect `model`/`build_model()`, `example_inputs()`, `calibration_data()`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    name = f"fxopt_user_model_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: import failed: {_where(exc, path)}{type(exc).__name__}: {exc}") from None
+
+    if hasattr(module, "build_model"):
+        model = _call(path, module.build_model, "build_model()")
+    elif hasattr(module, "model"):
+        model = module.model
+    else:
+        raise ModelFileError(f"{path}: defines neither `model` nor `build_model()`")
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"{path}: the model is a {type(model).__name__}, not a torch.nn.Module")
+
+    if not callable(getattr(module, "example_inputs", None)):
+        raise ModelFileError(f"{path}: defines no `example_inputs()` function")
+    inputs = _call(path, module.example_inputs, "example_inputs()")
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ModelFileError(f"{path}: example_inputs() must return a tuple of tensors, got {_describe(inputs)}")
+
+    calib = getattr(module, "calibration_data", None)
+    if calib is not None and not callable(calib):
+        raise ModelFileError(f"{path}: `calibration_data` must be a function yielding input tuples")
+    return ModelSpec(path, model, tuple(inputs), calib)
+
+
+def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") -> Traced:
+    """Capture `model` as a GraphModule with shapes in node.meta; TraceFailure names the construct."""
+    model = copy.deepcopy(model).eval()
+    try:
+        gm = fx.symbolic_trace(model)
+        _propagate_shapes(gm, example_inputs)
+        return Traced(gm, "symbolic_trace", None)
+    except Exception as exc:  # any failure of the fast path sends us to torch.export
+        first = f"{_where(exc)}{_first_line(exc)}"
+    try:
+        dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
+        program = torch.export.export(copy.deepcopy(model), tuple(example_inputs), strict=False,
+                                      dynamic_shapes=dynamic)
+        gm = program.module()
+        _propagate_shapes(gm, example_inputs)
+        return Traced(gm, "export", first)
+    except Exception as exc:
+        second = f"{_where(exc)}{_first_line(exc)}"
+    raise TraceFailure(f"cannot trace {source} ({type(model).__name__}): "
+                       f"symbolic_trace: {first}; torch.export: {second}")
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+
+
+def _call(path: Path, fn: Callable, what: str) -> Any:
+    try:
+        return fn()
+    except Exception as exc:
+        raise ModelFileError(f"{path}: {what} failed: {_where(exc, path)}{type(exc).__name__}: {exc}") from None
+
+
+def _where(exc: BaseException, prefer: Path | None = None) -> str:
+    """'file:line (`code`): ' of the innermost frame outside torch/fxopt — the user's construct."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = ("/torch/", "/fxopt/", "/importlib/", "<frozen")
+    user = [f for f in frames if not any(s in f.filename for s in inside)]
+    if prefer is not None:
+        user = [f for f in user if Path(f.filename).resolve() == prefer.resolve()] or user
+    if not user:
+        return ""
+    f = user[-1]
+    code = f" (`{f.line.strip()}`)" if f.line else ""
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}{code}: "
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+def calibration_batches(spec: ModelSpec, limit: int | None = None) -> list[tuple]:
+    """The model file's calibration batches as tuples of tensors (at most `limit`)."""
+    if spec.calibration_data is None:
+        return []
+    batches = []
+    try:
+        for batch in spec.calibration_data():
+            batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+            if not all(isinstance(t, torch.Tensor) for t in batch):
+                raise ModelFileError(f"{spec.path}: calibration_data() must yield tensors or tuples of tensors")
+            batches.append(batch)
+            if limit is not None and len(batches) >= limit:
+                break
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{spec.path}: calibration_data() failed: {_where(exc, spec.path)}"
+                             f"{type(exc).__name__}: {exc}") from None
+    return batches
+
+
+__all__ = ["ModelSpec", "Traced", "load_model_file", "trace", "calibration_batches"]

@@ -1,0 +1,119 @@
+"""Numerical validation: per site and end to end.
+
+Per site, the substitute receives exactly the input the original layer received (recorded by an
+fx `Interpreter` run of the original graph), and its output is compared with the original layer's
+output. End to end, the rewritten model is compared with the user's original model (not with our
+trace of it, so tracing mistakes show up too). Errors are accumulated over all batches (example
+inputs, then calibration batches) in float64:
+
+    max_abs   max |ref − out|
+    rel_l2    ‖ref − out‖₂ / ‖ref‖₂
+    sqnr_db   10·log10(‖ref‖² / ‖ref − out‖²)   (None when the outputs are identical: infinite)
+    cosine    ⟨ref, out⟩ / (‖ref‖·‖out‖)
+    top1_agreement   share of rows whose argmax agrees (classifier-shaped outputs: N × C, C ≥ 2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves
+
+from .match import Site
+
+
+class ErrorStats:
+    """Running error statistics between a reference and a candidate, over many tensors."""
+
+    def __init__(self):
+        self.ref_sq = self.out_sq = self.diff_sq = self.dot = 0.0
+        self.max_abs = 0.0
+        self.agree = self.rows = 0
+        self.nonfinite = False
+
+    def update(self, ref: torch.Tensor, out: torch.Tensor, classifier: bool = False) -> None:
+        if ref.shape != out.shape:
+            raise ValueError(f"shape mismatch: reference {tuple(ref.shape)} vs {tuple(out.shape)}")
+        r, o = ref.detach().double(), out.detach().double()
+        if not torch.isfinite(o).all() and torch.isfinite(r).all():
+            self.nonfinite = True
+        d = r - o
+        self.ref_sq += r.square().sum().item()
+        self.out_sq += o.square().sum().item()
+        self.diff_sq += d.square().sum().item()
+        self.dot += (r * o).sum().item()
+        self.max_abs = max(self.max_abs, d.abs().max().item() if d.numel() else 0.0)
+        if classifier:
+            self.agree += (r.argmax(-1) == o.argmax(-1)).sum().item()
+            self.rows += r.shape[0]
+
+    def metrics(self) -> dict[str, float | None]:
+        if self.nonfinite:
+            nan = float("nan")
+            return {"max_abs": nan, "rel_l2": nan, "sqnr_db": nan, "cosine": nan}
+        rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else (0.0 if self.diff_sq == 0 else math.inf)
+        sqnr = None if self.diff_sq == 0 else (10 * math.log10(self.ref_sq / self.diff_sq) if self.ref_sq > 0 else -math.inf)
+        norms = math.sqrt(self.ref_sq * self.out_sq)
+        cosine = self.dot / norms if norms > 0 else (1.0 if self.diff_sq == 0 else 0.0)
+        out = {"max_abs": self.max_abs, "rel_l2": rel, "sqnr_db": sqnr, "cosine": cosine}
+        if self.rows:
+            out["top1_agreement"] = self.agree / self.rows
+        return out
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps the values of the nodes in `keep`."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]):
+        super().__init__(gm)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n in self.keep:
+            self.values[n] = value
+        return value
+
+
+@torch.no_grad()
+def site_errors(gm: fx.GraphModule, pairs: Sequence[tuple[Site, nn.Module]],
+                batches: Iterable[tuple]) -> dict[str, dict[str, float | None]]:
+    """Per-site error of each substitute against the original layer, on identical inputs."""
+    stats = {site.key: ErrorStats() for site, _ in pairs}
+    failed: dict[str, str] = {}
+    keep = {n for site, _ in pairs for n in (site.input, site.output)}
+    for batch in batches:
+        rec = _Recorder(gm, keep)
+        rec.run(*batch)
+        for site, module in pairs:
+            if site.key in failed:
+                continue
+            try:
+                stats[site.key].update(rec.values[site.output], module(rec.values[site.input]))
+            except Exception as exc:  # a substitute that cannot run on this input is rolled back
+                failed[site.key] = f"substitute failed on the site's input: {type(exc).__name__}: {exc}"
+    return {key: ({"failed": failed[key]} if key in failed else s.metrics()) for key, s in stats.items()}
+
+
+def is_classifier_output(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] >= 2 \
+        and value.is_floating_point()
+
+
+@torch.no_grad()
+def end_to_end(original: nn.Module, rewritten: nn.Module, batches: Iterable[tuple]) -> dict[str, float | None]:
+    """Error of the rewritten model's outputs against the original model's, over all batches."""
+    stats = ErrorStats()
+    original = original.eval()
+    for batch in batches:
+        ref, out = tree_leaves(original(*batch)), tree_leaves(rewritten(*batch))
+        if len(ref) != len(out):
+            raise ValueError(f"the rewritten model returns {len(out)} outputs, the original {len(ref)}")
+        classifier = len(ref) == 1 and is_classifier_output(ref[0])
+        for r, o in zip(ref, out):
+            if isinstance(r, torch.Tensor) and r.is_floating_point():
+                stats.update(r, o, classifier)
+    return stats.metrics()
