@@ -128,7 +128,7 @@ def _is_call(node: fx.Node, targets: set, methods: tuple[str, ...] = ()) -> bool
 
 
 def _is_transpose(node: fx.Node) -> bool:
-    if _is_call(node, {torch.t, aten.t.default}, ("t",)):
+    if _is_call(node, {torch.t, aten.t.default, aten.numpy_T.default}, ("t",)):
         return True
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("T",):
         return True

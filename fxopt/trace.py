@@ -6,7 +6,8 @@ shapes, `.item()`, unsupported Python) fall back to `torch.export` (non-strict),
 `aten.linear` / `aten.conv2d` calls on `get_attr` parameters; matching handles both. Tracing
 works on a deep copy because tracing can leave state behind in a model.
 
-Shapes come from running the graph once on the example inputs (`ShapeProp`), so every node has
+The model is first run eagerly on its example inputs, so a model that fails on them is reported as
+such. Shapes come from running the graph once on the example inputs, so every node has
 `node.meta["tensor_meta"]` whichever tracer produced it.
 """
 
@@ -14,15 +15,19 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
+import logging
 import sys
 import traceback
+import warnings
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import ModelFileError, TraceFailure
 
@@ -87,27 +92,54 @@ def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") ->
     """Capture `model` as a GraphModule with shapes in node.meta; TraceFailure names the construct."""
     model = copy.deepcopy(model).eval()
     try:
-        gm = fx.symbolic_trace(model)
-        _propagate_shapes(gm, example_inputs)
-        return Traced(gm, "symbolic_trace", None)
-    except Exception as exc:  # any failure of the fast path sends us to torch.export
-        first = f"{_where(exc)}{_first_line(exc)}"
-    try:
-        dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
-        program = torch.export.export(copy.deepcopy(model), tuple(example_inputs), strict=False,
-                                      dynamic_shapes=dynamic)
-        gm = program.module()
-        _propagate_shapes(gm, example_inputs)
-        return Traced(gm, "export", first)
+        with torch.no_grad():
+            model(*example_inputs)
     except Exception as exc:
-        second = f"{_where(exc)}{_first_line(exc)}"
+        raise TraceFailure(f"{source}: the model fails on its example inputs: {_where(exc)}{_first_line(exc)}") from None
+    with _quiet():  # torch logs graphs and warnings while it tries; our error says what matters
+        try:
+            gm = fx.symbolic_trace(model)
+            _propagate_shapes(gm, example_inputs)
+            return Traced(gm, "symbolic_trace", None)
+        except Exception as exc:  # any failure of the fast path sends us to torch.export
+            first = f"{_where(exc)}{_first_line(exc)}"
+        try:
+            dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
+            program = torch.export.export(copy.deepcopy(model), tuple(example_inputs), strict=False,
+                                          dynamic_shapes=dynamic)
+            gm = program.module()
+            _propagate_shapes(gm, example_inputs)
+            return Traced(gm, "export", first)
+        except Exception as exc:
+            second = f"{_where(exc)}{_first_line(exc)}"
     raise TraceFailure(f"cannot trace {source} ({type(model).__name__}): "
                        f"symbolic_trace: {first}; torch.export: {second}")
 
 
+@contextmanager
+def _quiet():
+    logging.disable(logging.CRITICAL)
+    try:  # torch.export also print()s the partial graph to stderr when it fails
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Like torch.fx's ShapeProp (node.meta["tensor_meta"]), without printing on failure."""
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if isinstance(value, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        return value
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+        _ShapeRecorder(gm).run(*example_inputs)
 
 
 def _call(path: Path, fn: Callable, what: str) -> Any:

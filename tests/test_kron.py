@@ -1,0 +1,148 @@
+"""Kronecker substitute: against the materialised torch.kron product (the paper's math), against
+the original layers (from_original), and the Van Loan–Pitsianis optimum."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fxopt.substitutes import Decline, get
+from fxopt.substitutes.kron import KronConv, KronConv2d, KronLinear, choose_factors, nearest_kronecker_sum
+
+dims = st.integers(1, 6)
+
+
+def kron_sum(a, b):
+    return sum(torch.kron(a[r], b[r]) for r in range(a.shape[0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(m1=dims, m2=dims, n1=dims, n2=dims, r=st.integers(1, 3), rows=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_forward_equals_materialised_kron_product(m1, m2, n1, n2, r, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, m1, n1, generator=g, dtype=torch.float64)
+    b = torch.randn(r, m2, n2, generator=g, dtype=torch.float64)
+    bias = torch.randn(m1 * m2, generator=g, dtype=torch.float64)
+    x = torch.randn(rows, 2, n1 * n2, generator=g, dtype=torch.float64)
+    layer = KronLinear(a, b, bias)
+    expected = F.linear(x, kron_sum(a, b), bias)  # (Σ A_r ⊗ B_r) x, materialised
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.dense_weight(), kron_sum(a, b))
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 48), n=st.integers(1, 48), seed=st.integers(0, 2**16))
+def test_full_rank_reproduces_the_original_linear(m, n, seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(n, m)
+    layer = KronLinear.from_original(linear, rank="full")
+    x = torch.randn(5, n)
+    torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=1e-5)
+    assert layer.reconstruction_error < 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(m1=st.integers(2, 5), m2=st.integers(2, 5), n1=st.integers(2, 5), n2=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_rank_r_error_is_the_svd_tail_and_non_increasing(m1, m2, n1, n2, seed):
+    w = torch.randn(m1 * m2, n1 * n2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    full = min(m1 * n1, m2 * n2)
+    errors = []
+    for r in range(1, full + 1):
+        a, b, reported = nearest_kronecker_sum(w, m1, m2, n1, n2, r)
+        actual = (torch.linalg.norm(w - kron_sum(a, b)) / torch.linalg.norm(w)).item()
+        assert math.isclose(actual, reported, rel_tol=1e-6, abs_tol=1e-9)
+        errors.append(actual)
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-9
+
+
+def test_rank_one_recovers_an_exact_kronecker_product_and_beats_perturbed_factors():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 4, 3, generator=g, dtype=torch.float64), torch.randn(1, 5, 2, generator=g, dtype=torch.float64)
+    w = torch.kron(a[0], b[0])
+    a_hat, b_hat, err = nearest_kronecker_sum(w, 4, 5, 3, 2, 1)
+    assert err < 1e-12
+    torch.testing.assert_close(kron_sum(a_hat, b_hat), w)
+    # nearest in Frobenius norm: for a generic W, nudging the optimal factors never helps
+    w = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    a_hat, b_hat, err = nearest_kronecker_sum(w, 4, 5, 3, 2, 2)
+    best = torch.linalg.norm(w - kron_sum(a_hat, b_hat))
+    for _ in range(20):
+        da = a_hat + 1e-3 * torch.randn(a_hat.shape, generator=g, dtype=torch.float64)
+        assert torch.linalg.norm(w - kron_sum(da, b_hat)) >= best
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(stride=1, padding=0), dict(stride=2, padding=1), dict(stride=1, padding=2, dilation=2),
+    dict(stride=(2, 1), padding=(1, 0)), dict(stride=1, padding="same"),
+])
+def test_conv2d_full_rank_and_materialised(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, **kwargs)
+    x = torch.randn(2, 6, 11, 9)
+    layer = KronConv.from_original(conv, rank="full")
+    assert isinstance(layer, KronConv2d)
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-5)
+    low = KronConv.from_original(conv, rank=2)
+    expected = F.conv2d(x, low.dense_weight(), conv.bias, conv.stride, conv.padding, conv.dilation)
+    torch.testing.assert_close(low(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv1d_full_rank():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 6, 5, stride=2, padding=2, bias=False)
+    x = torch.randn(3, 4, 17)
+    torch.testing.assert_close(KronConv.from_original(conv, rank="full")(x), conv(x), rtol=0, atol=1e-5)
+
+
+def test_factors_are_balanced_and_explicit_factors_are_checked():
+    assert choose_factors(256, 256) == (16, 16, 16, 16)
+    m1, m2, n1, n2 = choose_factors(512, 784)
+    assert m1 * m2 == 512 and n1 * n2 == 784 and {n1, n2} == {28}
+    layer = KronLinear.from_original(nn.Linear(12, 8), rank=1, factors={"out": (2, 4), "in": (3, 4)})
+    assert layer.factors == (2, 4, 3, 4)
+    with pytest.raises(Decline, match="do not fit"):
+        KronLinear.from_original(nn.Linear(12, 8), rank=1, factors={"out": (3, 3), "in": (3, 4)})
+
+
+def test_compression_picks_the_largest_rank_that_meets_it_and_guards_decline():
+    linear = nn.Linear(256, 256)
+    layer = KronLinear.from_original(linear, compression=8, max_flops_ratio=None)
+    dense = 256 * 256
+    assert dense / (layer.rank * 512) >= 8 and dense / ((layer.rank + 1) * 512) < 8
+    with pytest.raises(Decline, match="costs .* the dense FLOPs"):
+        KronLinear.from_original(linear, compression=8, max_flops_ratio=1.0)
+    with pytest.raises(Decline, match="compresses only"):
+        KronLinear.from_original(nn.Linear(6, 4), compression=8)
+    with pytest.raises(Decline, match="grouped"):
+        KronConv.from_original(nn.Conv2d(8, 8, 3, groups=2), rank=1)
+
+
+def test_default_rule_params_shrink_large_layers_at_least_8x():
+    spec = get("kron")
+    for module in (nn.Linear(512, 512), nn.Linear(784, 512), nn.Conv2d(64, 128, 3)):
+        sub = spec.build(module, spec.parse_params({"compression": 32, "max_flops_ratio": 1.0}))
+        w_before, w_after = module.weight.numel(), sub.A.numel() + sub.B.numel()
+        assert w_before / w_after >= 8
+
+
+def test_gradients_reach_the_factors():
+    torch.manual_seed(0)
+    layer = KronLinear.from_original(nn.Linear(12, 6), rank=2).double()
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.A, layer.B, layer.bias))
+    conv = KronConv.from_original(nn.Conv2d(4, 6, 3, padding=1), rank=2).double()
+    img = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(conv, (img,))
+
+
+def test_flops_count_the_two_gemms():
+    layer = KronLinear.from_original(nn.Linear(64, 32), rank=3)
+    m1, m2, n1, n2 = layer.factors
+    assert layer.flops(torch.Size([10, 64])) == 2 * 10 * 3 * (n1 * n2 * m2 + m2 * n1 * m1)
