@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (fxopt end to end on a built-in example) and
+# `make test`. Both create .venv and install fxopt into it on first use.
+PY ?= python3
+# The CPU build of torch; a bare `pip install torch` can pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/fxopt optimize examples/mlp.py --rules kron --out out/mlp
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json
