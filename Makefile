@@ -25,4 +25,4 @@ test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json
+	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json --markdown BENCHMARKS.md

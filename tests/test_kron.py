@@ -109,13 +109,19 @@ def test_factors_are_balanced_and_explicit_factors_are_checked():
         KronLinear.from_original(nn.Linear(12, 8), rank=1, factors={"out": (3, 3), "in": (3, 4)})
 
 
-def test_compression_picks_the_largest_rank_that_meets_it_and_guards_decline():
+def test_rank_is_the_largest_within_both_budgets_and_guards_decline():
     linear = nn.Linear(256, 256)
     layer = KronLinear.from_original(linear, compression=8, max_flops_ratio=None)
     dense = 256 * 256
-    assert dense / (layer.rank * 512) >= 8 and dense / ((layer.rank + 1) * 512) < 8
-    with pytest.raises(Decline, match="costs .* the dense FLOPs"):
-        KronLinear.from_original(linear, compression=8, max_flops_ratio=1.0)
+    assert dense / (layer.rank * 512) >= 8 and dense / ((layer.rank + 1) * 512) < 8  # params budget binds
+    shape = torch.Size([4, 256])
+    layer = KronLinear.from_original(linear, compression=8, max_flops_ratio=0.5)  # FLOPs budget binds
+    one = KronLinear.from_original(linear, rank=1).flops(shape)
+    assert layer.flops(shape) <= 0.5 * 2 * 4 * dense < layer.flops(shape) + one
+    with pytest.raises(Decline, match="rank 16 costs 2.00× the dense FLOPs"):
+        KronLinear.from_original(linear, rank=16, max_flops_ratio=1.0)
+    with pytest.raises(Decline, match="rank 1 already costs"):
+        KronLinear.from_original(linear, max_flops_ratio=0.01)
     with pytest.raises(Decline, match="compresses only"):
         KronLinear.from_original(nn.Linear(6, 4), compression=8)
     with pytest.raises(Decline, match="grouped"):
@@ -145,4 +151,8 @@ def test_gradients_reach_the_factors():
 def test_flops_count_the_two_gemms():
     layer = KronLinear.from_original(nn.Linear(64, 32), rank=3)
     m1, m2, n1, n2 = layer.factors
-    assert layer.flops(torch.Size([10, 64])) == 2 * 10 * 3 * (n1 * n2 * m2 + m2 * n1 * m1)
+    assert layer.flops(torch.Size([10, 64])) == 2 * 10 * 3 * (m1 * n1 * n2 + m1 * n2 * m2)
+    conv = KronConv.from_original(nn.Conv2d(16, 8, 3, padding=1), rank=2)
+    m1, m2, n1, n2 = conv.factors
+    # small conv on each of the n1 groups (n2 → R·m2 channels, 9 taps), then mixing with A
+    assert conv.flops(torch.Size([2, 16, 5, 5]), torch.Size([2, 8, 5, 5])) == 2 * 2 * 25 * 2 * (n1 * m2 * n2 * 9 + m2 * n1 * m1)

@@ -103,9 +103,10 @@ def test_declined_and_unmatched_sites_say_why():
     assert by_key["head"]["reason"] == "kron-linear: out_features=10 < min 64"
     assert by_key["stage1.0"]["status"] == "applied"
     declined = fxopt.optimize(model, ex.example_inputs(),
-                              rules.parse("version: 1\nrules:\n  - {substitute: kron, params: {compression: 8}}\n"))
+                              rules.parse("version: 1\nrules:\n  - {substitute: kron, params: {rank: 40}}\n"))
     reasons = {s["key"]: s["reason"] for s in declined.report["sites"]}
-    assert reasons["stage3.0"].startswith("declined by kron: rank ") and "max_flops_ratio 1" in reasons["stage3.0"]
+    assert reasons["stage3.0"] == "declined by kron: rank 40 costs 3.06× the dense FLOPs (max_flops_ratio 1)"
+    assert reasons["head"].startswith("declined by kron: rank 40 exceeds the full Kronecker rank")
 
 
 def test_report_keys_are_stable():

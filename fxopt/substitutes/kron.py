@@ -5,7 +5,7 @@ A dense weight W (m × n) is replaced by a sum of R Kronecker products,
     W ≈ Σ_r A_r ⊗ B_r,      A_r: m1 × n1,  B_r: m2 × n2,  m = m1·m2,  n = n1·n2,
 
 and applied without ever forming W: with the input reshaped to X (n1 × n2),
-(A ⊗ B)·vec(X) = vec(A · X · Bᵀ), i.e. two small GEMMs.
+(A ⊗ B)·vec(X) = vec(A · X · Bᵀ) (row-major vec), i.e. two small GEMMs.
 
 `from_original` finds the nearest Kronecker sum in Frobenius norm (Van Loan & Pitsianis, 1993):
 rearranging W so that each block becomes a row turns Σ_r A_r ⊗ B_r into the rank-R matrix
@@ -39,19 +39,22 @@ def _balanced(n: int) -> tuple[int, int]:
     return a, n // a
 
 
-def choose_factors(m: int, n: int, k: int = 1) -> tuple[int, int, int, int]:
-    """(m1, m2, n1, n2) from the balanced splits of m and n, oriented to minimise the parameters
-    of one Kronecker term, m1·n1 + m2·n2·k (k: spatial kernel size, kept in B)."""
+def macs_ratio(m1: int, m2: int, n1: int, n2: int, rank: int, k: int = 0) -> float:
+    """MACs of the Kronecker layer over those of the dense one, the same for every input shape
+    (both scale with the rows / output pixels). k = 0: linear (A applied first, R·m1·n2·(n1 + m2)
+    per row); k ≥ 1: conv with a k-element kernel (B first, R·m2·n1·(n2·k + m1) per pixel)."""
+    if k == 0:
+        return rank * (n1 + m2) / (m2 * n1)
+    return rank * (n2 * k + m1) / (m1 * n2 * k)
+
+
+def choose_factors(m: int, n: int, k: int = 0) -> tuple[int, int, int, int]:
+    """(m1, m2, n1, n2) from the balanced splits of m and n, oriented for the fewest parameters
+    per Kronecker term (m1·n1 + m2·n2·k; k = kernel size kept in B, 0 for linear), then the
+    fewest MACs."""
     (ma, mb), (na, nb) = _balanced(m), _balanced(n)
     candidates = [(m1, m // m1, n1, n // n1) for m1 in {ma, mb} for n1 in {na, nb}]
-    # fewest parameters first, then fewest MACs per term (n1·m2·(n2·k + m1)), then deterministic
-    return min(candidates, key=lambda f: (f[0] * f[2] + f[1] * f[3] * k, f[2] * f[1] * (f[3] * k + f[0]), f))
-
-
-def macs_ratio(m1: int, m2: int, n1: int, n2: int, rank: int, k: int = 1) -> float:
-    """MACs of the Kronecker layer over those of the dense one; the same for every input shape
-    (both scale with the number of rows / output pixels)."""
-    return rank * n1 * m2 * (n2 * k + m1) / (m1 * m2 * n1 * n2 * k)
+    return min(candidates, key=lambda f: (f[0] * f[2] + f[1] * f[3] * max(k, 1), macs_ratio(*f, 1, k), f))
 
 
 def nearest_kronecker_sum(weight: torch.Tensor, m1: int, m2: int, n1: int, n2: int, rank: int):
@@ -74,11 +77,14 @@ def nearest_kronecker_sum(weight: torch.Tensor, m1: int, m2: int, n1: int, n2: i
 
 
 def _resolve_rank(rank: Any, compression: float | None, max_flops_ratio: float | None,
-                  factors: tuple[int, int, int, int], k: int = 1) -> int:
-    """The rank to use: explicit, 'full', or the largest meeting `compression`; declines when it
-    would cost more than `max_flops_ratio` times the dense layer's FLOPs."""
+                  factors: tuple[int, int, int, int], k: int = 0) -> int:
+    """The rank: explicit, 'full', or the largest that meets both budgets, `compression`
+    (parameters) and `max_flops_ratio` (FLOPs against the dense layer). An explicit rank over the
+    FLOPs budget, or a layer where even rank 1 misses a budget, is declined."""
     m1, m2, n1, n2 = factors
-    dense, per_term, full = m1 * m2 * n1 * n2 * k, m1 * n1 + m2 * n2 * k, min(m1 * n1, m2 * n2 * k)
+    kk = max(k, 1)
+    dense, per_term, full = m1 * m2 * n1 * n2 * kk, m1 * n1 + m2 * n2 * kk, min(m1 * n1, m2 * n2 * kk)
+    per_rank = macs_ratio(m1, m2, n1, n2, 1, k)
     if rank == "full":
         r = full
     elif rank is not None:
@@ -89,9 +95,14 @@ def _resolve_rank(rank: Any, compression: float | None, max_flops_ratio: float |
         r = min(full, int(dense // (compression * per_term)))
         if r < 1:
             raise Decline(f"rank 1 compresses only {dense / per_term:.1f}×, below the requested {compression:g}×")
-    ratio = macs_ratio(m1, m2, n1, n2, r, k)
-    if max_flops_ratio is not None and ratio > max_flops_ratio:
-        raise Decline(f"rank {r} costs {ratio:.2f}× the dense FLOPs (max_flops_ratio {max_flops_ratio:g})")
+        if max_flops_ratio is not None:
+            r = min(r, int(max_flops_ratio / per_rank + 1e-9))
+            if r < 1:
+                raise Decline(f"rank 1 already costs {per_rank:.2f}× the dense FLOPs "
+                              f"(max_flops_ratio {max_flops_ratio:g})")
+        return r
+    if max_flops_ratio is not None and r * per_rank > max_flops_ratio + 1e-9:
+        raise Decline(f"rank {r} costs {r * per_rank:.2f}× the dense FLOPs (max_flops_ratio {max_flops_ratio:g})")
     return r
 
 
@@ -140,23 +151,24 @@ class KronLinear(_Kron):
         return cls(a, b, linear.bias, err)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Y = Σ_r A_r·X·B_rᵀ with X the row reshaped to n1 × n2. A is applied first so that
+        # neither intermediate nor output needs a transposed copy: Z holds (row, i1, r, j2)
+        # and the second GEMM yields (row, i1, i2), which is y's layout.
         r, m1, n1 = self.A.shape
         _, m2, n2 = self.B.shape
         lead = x.shape[:-1]
         rows = x.reshape(-1, n1, n2)
-        batch = rows.shape[0]
-        # GEMM 1, X·B_rᵀ for all r at once: N·n1·n2·R·m2 MACs
-        t = rows.reshape(-1, n2) @ self.B.permute(2, 0, 1).reshape(n2, r * m2)
-        t = t.reshape(batch, n1, r, m2).permute(0, 3, 2, 1).reshape(batch * m2, r * n1)
-        # GEMM 2, Σ_r A_r·(X·B_rᵀ): N·m2·R·n1·m1 MACs
-        y = t @ self.A.permute(0, 2, 1).reshape(r * n1, m1)
-        y = y.reshape(batch, m2, m1).transpose(1, 2).reshape(*lead, m1 * m2)
+        # batched GEMM, [A_1; …; A_R]·X per row: N·m1·R·n1·n2 MACs
+        z = torch.matmul(self.A.transpose(0, 1).reshape(m1 * r, n1), rows)
+        # one GEMM over (i1, row) × (r, j2): N·m1·R·n2·m2 MACs
+        y = z.reshape(-1, r * n2) @ self.B.permute(0, 2, 1).reshape(r * n2, m2)
+        y = y.reshape(*lead, m1 * m2)
         return y if self.bias is None else y + self.bias
 
     def flops(self, input_shape: torch.Size, output_shape: torch.Size | None = None) -> int:
         r, (m1, m2, n1, n2) = self.rank, self.factors
         rows = math.prod(input_shape[:-1])
-        return 2 * rows * r * n1 * m2 * (n2 + m1)
+        return 2 * rows * r * m1 * n2 * (n1 + m2)
 
     def extra_repr(self) -> str:
         m1, m2, n1, n2 = self.factors
@@ -229,7 +241,7 @@ class KronConv2d(KronConv):
     pass
 
 
-def _factors(factors: Any, m: int, n: int, k: int = 1) -> tuple[int, int, int, int]:
+def _factors(factors: Any, m: int, n: int, k: int = 0) -> tuple[int, int, int, int]:
     if factors == "auto":
         return choose_factors(m, n, k)
     (m1, m2), (n1, n2) = factors["out"], factors["in"]
@@ -278,10 +290,10 @@ SPEC = register(SubstituteSpec(
     ops=("linear", "conv1d", "conv2d"),
     params=(
         Param("rank", "number of Kronecker terms R, or 'full' (exact); overrides compression", None, _parse_rank),
-        Param("compression", "target parameter reduction of the weight; picks the largest R that meets it",
-              32.0, float_above(1.0)),
-        Param("max_flops_ratio", "decline when the factored layer would cost more than this times the dense "
-              "FLOPs (null: no limit)", 1.0, _optional(float_above(0.0))),
+        Param("compression", "parameter budget: at least this many times fewer weights; R is the largest "
+              "rank within both budgets", 32.0, float_above(1.0)),
+        Param("max_flops_ratio", "FLOPs budget: at most this times the dense layer's FLOPs (null: none); "
+              "an explicit rank over it is declined", 1.0, _optional(float_above(0.0))),
         Param("factors", "'auto' (most balanced) or {out: [m1, m2], in: [n1, n2]}", "auto", _parse_factors),
     ),
     build=_build,
