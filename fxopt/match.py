@@ -234,14 +234,15 @@ def _matmul_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, Site]]:
                 continue
             if "add" in m and m["b"].meta["tensor_meta"].shape[0] != mm.meta["tensor_meta"].shape[-1]:
                 continue  # a bias must have one value per output feature
-            if mm.args[0].meta.get("tensor_meta") is None or len(mm.args[0].meta["tensor_meta"].shape) < 1:
-                continue
+            x = mm.args[0]
+            if not isinstance(x, fx.Node) or x.meta.get("tensor_meta") is None:
+                continue  # a constant or untracked left operand is not an activation
             w = _fetch(gm, m["w"].target).detach()
             weight = w if transposed else w.t()
             b = _fetch(gm, m["b"].target).detach() if "add" in m else None
             nodes = tuple(n for n in (m.get("t"), mm, m.get("add")) if n is not None)
             taken.add(mm)
-            site = Site("", _layer_name(m["w"].target), "linear", "matmul", nodes, mm.args[0],
+            site = Site("", _layer_name(m["w"].target), "linear", "matmul", nodes, x,
                         _dense_linear(weight, b), 0)
             out.append((mm, site))
     return out

@@ -28,7 +28,6 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from . import __name__ as _pkg
 from . import rules as rules_mod
 from . import substitutes
 from .errors import FxoptError
@@ -38,7 +37,7 @@ from .passes import cleanup, substitute
 from .trace import trace
 from .validate import end_to_end, site_errors
 
-log = logging.getLogger(_pkg)
+log = logging.getLogger("fxopt")
 
 
 @dataclass

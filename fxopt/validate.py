@@ -16,6 +16,7 @@ inputs, then calibration batches) in float64:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterable, Sequence
 
 import torch
@@ -107,13 +108,27 @@ def is_classifier_output(value) -> bool:
 def end_to_end(original: nn.Module, rewritten: nn.Module, batches: Iterable[tuple]) -> dict[str, float | None]:
     """Error of the rewritten model's outputs against the original model's, over all batches."""
     stats = ErrorStats()
-    original = original.eval()
-    for batch in batches:
-        ref, out = tree_leaves(original(*batch)), tree_leaves(rewritten(*batch))
-        if len(ref) != len(out):
-            raise ValueError(f"the rewritten model returns {len(out)} outputs, the original {len(ref)}")
-        classifier = len(ref) == 1 and is_classifier_output(ref[0])
-        for r, o in zip(ref, out):
-            if isinstance(r, torch.Tensor) and r.is_floating_point():
-                stats.update(r, o, classifier)
+    with _eval_mode(original):
+        for batch in batches:
+            _compare(stats, tree_leaves(original(*batch)), tree_leaves(rewritten(*batch)))
     return stats.metrics()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Inference mode for the comparison, and the user's model left as it was found."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _compare(stats: ErrorStats, ref: list, out: list) -> None:
+    if len(ref) != len(out):
+        raise ValueError(f"the rewritten model returns {len(out)} outputs, the original {len(ref)}")
+    classifier = len(ref) == 1 and is_classifier_output(ref[0])
+    for r, o in zip(ref, out):
+        if isinstance(r, torch.Tensor) and r.is_floating_point():
+            stats.update(r, o, classifier)

@@ -121,3 +121,13 @@ def test_report_keys_are_stable():
                                                  "export", "end_to_end"]
     assert r["end_to_end"]["top1_agreement"] is None  # (B, T, D) output is not a classifier
     assert {s["key"]: s["form"] for s in r["sites"]}["qkv_weight"] == "matmul"
+
+
+def test_the_users_model_is_left_as_it_was():
+    ex = load_example("cnn")
+    model = ex.build_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxopt.optimize(model, ex.example_inputs(), "kron")
+    assert model.training  # validated in eval mode, then restored
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics untouched
