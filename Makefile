@@ -25,4 +25,6 @@ test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json --markdown BENCHMARKS.md
+	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json
+	$(BIN)/python benchmarks/examples.py --out benchmarks/results/examples_cpu.json
+	$(BIN)/python benchmarks/render.py > BENCHMARKS.md

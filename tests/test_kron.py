@@ -128,12 +128,20 @@ def test_rank_is_the_largest_within_both_budgets_and_guards_decline():
         KronConv.from_original(nn.Conv2d(8, 8, 3, groups=2), rank=1)
 
 
-def test_default_rule_params_shrink_large_layers_at_least_8x():
+def test_shipped_rule_params_shrink_large_layers_at_least_8x_and_halve_flops():
+    from fxopt import rules
+
+    (linear_rule, conv_rule) = rules.load("kron").rules
     spec = get("kron")
-    for module in (nn.Linear(512, 512), nn.Linear(784, 512), nn.Conv2d(64, 128, 3)):
-        sub = spec.build(module, spec.parse_params({"compression": 32, "max_flops_ratio": 1.0}))
+    for module, rule in ((nn.Linear(512, 512), linear_rule), (nn.Linear(784, 512), linear_rule),
+                         (nn.Linear(4096, 1024), linear_rule), (nn.Conv2d(64, 128, 3), conv_rule)):
+        sub = spec.build(module, rule.param_dict)
         w_before, w_after = module.weight.numel(), sub.A.numel() + sub.B.numel()
         assert w_before / w_after >= 8
+        shape = torch.Size([4, 64, 8, 8]) if isinstance(module, nn.Conv2d) else torch.Size([4, module.in_features])
+        out = torch.Size([4, 128, 6, 6]) if isinstance(module, nn.Conv2d) else None
+        dense = 2 * (4 * 128 * 36 * 64 * 9 if out else 4 * module.in_features * module.out_features)
+        assert sub.flops(shape, out) <= 0.5 * dense
 
 
 def test_gradients_reach_the_factors():
