@@ -33,7 +33,9 @@ def run_info() -> dict:
     """The exact command, date, commit and machine of this run."""
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+    # code changes since the commit, not the result files a benchmark run itself rewrites
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!benchmarks/results", ":!BENCHMARKS.md"], capture_output=True, text=True,
                            cwd=root).stdout.strip()
     script = Path(sys.argv[0]).resolve().relative_to(root) if Path(sys.argv[0]).resolve().is_relative_to(root) else sys.argv[0]
     return {
