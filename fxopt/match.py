@@ -235,8 +235,8 @@ def _matmul_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, Site]]:
             if "add" in m and m["b"].meta["tensor_meta"].shape[0] != mm.meta["tensor_meta"].shape[-1]:
                 continue  # a bias must have one value per output feature
             x = mm.args[0]
-            if not isinstance(x, fx.Node) or x.meta.get("tensor_meta") is None:
-                continue  # a constant or untracked left operand is not an activation
+            if not isinstance(x, fx.Node) or x.op == "get_attr" or x.meta.get("tensor_meta") is None:
+                continue  # a product of parameters, or an untracked operand, is not a layer
             w = _fetch(gm, m["w"].target).detach()
             weight = w if transposed else w.t()
             b = _fetch(gm, m["b"].target).detach() if "add" in m else None

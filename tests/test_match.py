@@ -93,7 +93,7 @@ def test_weights_computed_at_run_time_are_not_sites():
             self.w = nn.Parameter(torch.randn(4, 4))
 
         def forward(self, x):
-            return F.linear(x, self.w * 2) + x @ (self.w + 1).t()
+            return F.linear(x, self.w * 2) + x @ (self.w + 1).t() + x @ (self.w @ self.w.t())
 
     assert find_sites(trace(Scaled(), (torch.randn(2, 4),)).gm) == []
 
