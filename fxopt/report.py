@@ -70,6 +70,15 @@ def ratio(before: int, after: int) -> str:
     return f"{before / after:.1f}×" if after else "—"
 
 
+def change(before: int, after: int, less: str, more: str) -> str:
+    """'7.6× smaller', '2.0× larger' or 'unchanged', read from before/after counts."""
+    if not after or not before:
+        return "—"
+    if before == after:
+        return "unchanged"
+    return f"{before / after:.1f}× {less}" if after < before else f"{after / before:.1f}× {more}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     e, t = report["end_to_end"], report["totals"]
     lines = [
@@ -128,7 +137,7 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     e = report["end_to_end"]
     top1 = f" · top-1 agreement {e['top1_agreement']:.3f}" if e["top1_agreement"] is not None else ""
     console.print(f"end to end: sqnr {fmt(e['sqnr_db'], 3)} dB · cosine {fmt(e['cosine'], 5)} · "
-                  f"max abs {fmt(e['max_abs'], 3)}{top1} · params {ratio(e['params_before'], e['params_after'])} smaller"
-                  f" · linear/conv FLOPs {ratio(e['flops_before'], e['flops_after'])} fewer")
+                  f"max abs {fmt(e['max_abs'], 3)}{top1} · params {change(e['params_before'], e['params_after'], 'smaller', 'larger')}"
+                  f" · linear/conv FLOPs {change(e['flops_before'], e['flops_after'], 'fewer', 'more')}")
     for v in e["violations"]:
         console.print(f"[red]end-to-end tolerance violated: {v}[/]")

@@ -131,3 +131,17 @@ def test_the_users_model_is_left_as_it_was():
     assert model.training  # validated in eval mode, then restored
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics untouched
+
+
+def test_a_real_pytorch_model_torch_nn_transformer_encoder():
+    """nn.TransformerEncoder defeats symbolic_trace; through torch.export its attention projections
+    (MultiheadAttention's in_proj_weight / out_proj, called functionally) and FFN are sites."""
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 1).eval()
+    x = torch.randn(2, 8, 64)
+    result = fxopt.optimize(model, (x,), FULL)
+    assert result.report["trace"]["method"] == "export"
+    keys = {s["key"]: s["status"] for s in result.report["sites"]}
+    assert keys == {"layers.0.self_attn.in_proj_weight": "applied", "layers.0.self_attn.out_proj": "applied",
+                    "layers.0.linear1": "applied", "layers.0.linear2": "applied"}
+    torch.testing.assert_close(result.program.module()(x), model(x), rtol=0, atol=1e-4)
