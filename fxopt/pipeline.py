@@ -185,7 +185,7 @@ def validate_sites(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]],
         violations = [failed] if failed else _violations(rec)
         if violations:
             rec.status, rec.violations = "rolled_back", violations
-            rec.reason = "tolerance violated: " + "; ".join(violations)
+            rec.reason = failed or "tolerance violated: " + "; ".join(violations)
             rec.module_after, rec.params_after, rec.flops_after = "unchanged", rec.params_before, rec.flops_before
         else:
             rec.status = "applied"

@@ -92,6 +92,13 @@ def test_conv2d_full_rank_and_materialised(kwargs):
     torch.testing.assert_close(low(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_unbatched_conv_input():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3)
+    x = torch.randn(4, 10, 10)
+    torch.testing.assert_close(KronConv.from_original(conv, rank="full")(x), conv(x), rtol=0, atol=1e-5)
+
+
 def test_conv1d_full_rank():
     torch.manual_seed(0)
     conv = nn.Conv1d(4, 6, 5, stride=2, padding=2, bias=False)

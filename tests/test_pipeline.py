@@ -145,3 +145,18 @@ def test_a_real_pytorch_model_torch_nn_transformer_encoder():
     assert keys == {"layers.0.self_attn.in_proj_weight": "applied", "layers.0.self_attn.out_proj": "applied",
                     "layers.0.linear1": "applied", "layers.0.linear2": "applied"}
     torch.testing.assert_close(result.program.module()(x), model(x), rtol=0, atol=1e-4)
+
+
+def test_a_substitute_that_fails_on_its_input_is_rolled_back_with_the_error(monkeypatch):
+    from fxopt.substitutes.kron import KronLinear
+
+    def broken(self, x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(KronLinear, "forward", broken)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16)).eval()
+    result = fxopt.optimize(model, (torch.randn(2, 16),), FULL)
+    (site,) = result.report["sites"]
+    assert site["status"] == "rolled_back"
+    assert site["reason"] == "substitute failed on the site's input: RuntimeError: boom"
+    torch.testing.assert_close(result.model(torch.ones(2, 16)), model(torch.ones(2, 16)), rtol=0, atol=0)

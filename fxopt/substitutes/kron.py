@@ -205,6 +205,8 @@ class KronConv(_Kron):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r, m1, n1 = self.A.shape
         _, m2, n2, *kernel = self.B.shape
+        if x.dim() == len(kernel) + 1:  # unbatched input, as nn.Conv accepts it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         batch, spatial = x.shape[0], x.shape[2:]
         conv = F.conv1d if len(kernel) == 1 else F.conv2d
         # small conv on each of the n1 channel groups, all R terms at once:
