@@ -1,0 +1,30 @@
+"""The README's examples are part of the product: its Python snippet runs and its rule-language
+example is a valid rule file."""
+
+import re
+
+import torch
+
+from conftest import ROOT
+from fxopt import rules
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_python_snippet_runs(tmp_path, monkeypatch):
+    snippet = re.search(r"In Python:\n\n```python\n(.*?)```", README, re.S).group(1)
+    monkeypatch.chdir(ROOT)  # the snippet imports examples/ from the repository root
+    monkeypatch.syspath_prepend(str(ROOT))
+    snippet = snippet.replace('"out/mlp"', repr(str(tmp_path / "mlp")))
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert isinstance(namespace["loaded"](torch.randn(2, 1, 28, 28)), torch.Tensor)
+    assert (tmp_path / "mlp" / "model.pt2").is_file()
+
+
+def test_rule_language_example_is_valid():
+    block = re.search(r"## Rule language \(schema version 1\)\n\n```yaml\n(.*?)```", README, re.S).group(1)
+    ruleset = rules.parse(block, "README.md")
+    (rule,) = ruleset.rules
+    assert rule.name == "kron-big-linears" and rule.priority == 0
+    assert ruleset.end_to_end.top1_agreement == 0.95
