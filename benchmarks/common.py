@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -17,6 +19,26 @@ def median_seconds(fn, x, min_run_time: float) -> float:
     args = x if isinstance(x, tuple) else (x,)
     timer = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def time_variants(variants: dict, x, rounds: int, min_run_time: float) -> dict[str, float]:
+    """Median seconds of each variant on x: three warm-up calls each (compilation happens there),
+    then interleaved rounds, so that a drift of the machine hits every variant alike."""
+    for fn in variants.values():
+        for _ in range(3):
+            fn(*x) if isinstance(x, tuple) else fn(x)
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times[name].append(median_seconds(fn, x, min_run_time))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def write_result(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 def cpu_model() -> str:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 import fxopt
-from common import median_seconds, run_info
+from common import run_info, time_variants, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["mlp", "cnn", "transformer"]
@@ -44,14 +43,7 @@ def measure(name: str, scale: int, rounds: int, min_run_time: float) -> dict:
     x = tuple(t.repeat(scale, *[1] * (t.dim() - 1)) for t in ex.example_inputs())
     variants = {"original": model, "original+compile": torch.compile(model, dynamic=False),
                 "fxopt": rewritten, "fxopt+compile": torch.compile(rewritten, dynamic=False)}
-    for fn in variants.values():
-        for _ in range(3):
-            fn(*x)
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            times[k].append(median_seconds(fn, x, min_run_time))
-    t = {k: statistics.median(v) for k, v in times.items()}
+    t = time_variants(variants, x, rounds, min_run_time)
     e2e = result.report["end_to_end"]
     return {
         "example": name, "input": [list(v.shape) for v in x],
@@ -78,10 +70,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"benchmark": "examples", **run_info(), "rules": "kron", "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 
 from fxopt.substitutes.kron import KronLinear
 
-from common import median_seconds, run_info
+from common import run_info, time_variants, write_result
 
 SIZES = [(512, 512), (1024, 1024), (4096, 1024), (1024, 4096)]  # (in, out)
 BATCHES = [1, 64, 512]
@@ -47,14 +46,7 @@ def measure(n_in: int, n_out: int, batch: int, rounds: int, min_run_time: float)
         info[name] = {"rank": kron.rank, "factors": kron.factors,
                       "params_ratio": round(dense.weight.numel() / (kron.A.numel() + kron.B.numel()), 1),
                       "flops_ratio": round(2 * batch * n_in * n_out / kron.flops(x.shape), 2)}
-    for fn in variants.values():  # warm-up, and compilation for the compiled ones
-        for _ in range(3):
-            fn(x)
-    times = {k: [] for k in variants}
-    for _ in range(rounds):  # interleaved, so a drift of the machine hits every variant alike
-        for name, fn in variants.items():
-            times[name].append(median_seconds(fn, x, min_run_time))
-    t = {k: statistics.median(v) for k, v in times.items()}
+    t = time_variants(variants, x, rounds, min_run_time)
     best_dense = min(t["dense"], t["dense+compile"])
     for name in SETTINGS:
         info[name]["speedup_best_vs_best_dense"] = round(best_dense / min(t[name], t[f"{name}+compile"]), 2)
@@ -80,10 +72,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"benchmark": "kron_linear", **run_info(), "settings": SETTINGS, "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
+
 
 if __name__ == "__main__":
     main()
