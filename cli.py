@@ -21,7 +21,7 @@ from rich.table import Table
 
 from fxopt import rules as rules_mod
 from fxopt import substitutes
-from fxopt.errors import FxoptError, StrictFailure
+from fxopt.errors import FxoptError, OutputError, StrictFailure
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="fxopt: rewrite a PyTorch model's linear/conv layers by YAML rules, validated.")
@@ -78,6 +78,35 @@ def optimize(
     if strict and (totals["rolled_back"] or e2e["violations"]):
         problems = [f"{totals['rolled_back']} site(s) rolled back"] if totals["rolled_back"] else []
         raise StrictFailure("--strict: " + "; ".join(problems + e2e["violations"]) + f" (results kept in {out})")
+
+
+@app.command()
+@_one_line_errors
+def bench(
+    model: Path = typer.Argument(..., help="MODEL.py, as for optimize"),
+    rules: str = typer.Option(..., "--rules", "-r", help="rule file path, or a shipped rule set's name"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the timings as JSON here"),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="interleaved rounds; each figure is their median"),
+    min_run_time: float = typer.Option(0.2, "--min-run-time", min=0.001, help="seconds per timing"),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="also time both sides under torch.compile"),
+    calib_batches: int = typer.Option(8, "--calib-batches", min=0, help="calibration batches used for validation"),
+) -> None:
+    """Time the original model against the rewritten one, eager and compiled, end to end and per site."""
+    from fxopt.bench import bench as run
+    from fxopt.report import print_bench
+    from fxopt.save import write_json
+    from fxopt.trace import calibration_batches, load_model_file
+
+    if out is not None and out.is_dir():  # fail before minutes of timing, not after
+        raise OutputError(f"{out}: is a directory")
+    ruleset = rules_mod.load(rules)
+    spec = load_model_file(model)
+    timings = run(spec.model, spec.example_inputs, ruleset, compile=compile, rounds=rounds,
+                  min_run_time=min_run_time, calibration=calibration_batches(spec, calib_batches), source=str(model))
+    print_bench(timings, console)
+    if out is not None:
+        write_json(out, timings)
+        console.print(f"wrote {out}", markup=False)
 
 
 @rules_app.command("check")

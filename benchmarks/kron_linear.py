@@ -46,7 +46,7 @@ def measure(n_in: int, n_out: int, batch: int, rounds: int, min_run_time: float)
         info[name] = {"rank": kron.rank, "factors": kron.factors,
                       "params_ratio": round(dense.weight.numel() / (kron.A.numel() + kron.B.numel()), 1),
                       "flops_ratio": round(2 * batch * n_in * n_out / kron.flops(x.shape), 2)}
-    t = time_variants(variants, x, rounds, min_run_time)
+    t = time_variants(variants, (x,), rounds, min_run_time)
     best_dense = min(t["dense"], t["dense+compile"])
     for name in SETTINGS:
         info[name]["speedup_best_vs_best_dense"] = round(best_dense / min(t[name], t[f"{name}+compile"]), 2)

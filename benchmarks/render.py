@@ -45,20 +45,23 @@ def kron_linear(r: dict) -> list[str]:
 def examples(r: dict) -> list[str]:
     lines = [
         "## Whole examples with `rules/kron.yaml` (CPU)", "", machine(r), "",
-        "Original model against the rewritten one (the program `fxopt.load` returns), each eager and",
-        "under `torch.compile`. Speed-ups: **best against best** · eager against eager · compiled",
+        "`fxopt bench` on each example: the original model against the rewritten one (the program",
+        "`fxopt.load` returns), each eager and under `torch.compile`. Speed-ups: **best against best**",
+        "(the faster of eager and compiled on each side) · eager against eager · compiled",
         "against compiled. The error columns say what the speed costs (see the README: the examples",
         "have random weights, the worst case for a Kronecker approximation).", "",
         "| example | input | original µs | original+compile µs | fxopt µs | fxopt+compile µs | speed-up | params÷ | FLOPs÷ | cosine | top-1 agreement |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        us = row["us"]
-        top1 = "—" if row["top1_agreement"] is None else f"{row['top1_agreement']:.2f}"
+        e2e, us, sp, acc, size = row["end_to_end"], row["end_to_end"]["us"], row["end_to_end"]["speedup"], \
+            row["accuracy"], row["size"]
+        top1 = "—" if acc["top1_agreement"] is None else f"{acc['top1_agreement']:.2f}"
         lines.append(
-            f"| {row['example']} | {'×'.join(map(str, row['input'][0]))} | {us['original']} | {us['original+compile']} | "
-            f"{us['fxopt']} | {us['fxopt+compile']} | **{row['speedup_best_vs_best']}** · {row['speedup_eager']} · "
-            f"{row['speedup_compiled']} | {row['params_ratio']} | {row['flops_ratio']} | {row['cosine']:.3f} | {top1} |")
+            f"| {row['example']} | {'×'.join(map(str, row['input_shapes'][0]))} | {us['original']} | "
+            f"{us['original+compile']} | {us['fxopt']} | {us['fxopt+compile']} | **{sp['best']}** · {sp['eager']} · "
+            f"{sp['compiled']} | {size['params_before'] / size['params_after']:.1f} | "
+            f"{size['flops_before'] / size['flops_after']:.2f} | {acc['cosine']:.3f} | {top1} |")
     return lines + ["", "Raw numbers: `benchmarks/results/examples_cpu.json`.", ""]
 
 

@@ -72,11 +72,14 @@ class Result:
 
     `model` is the rewritten fx GraphModule (substitutes appear as modules, e.g. `KronLinear`);
     `program` is its torch.export program, which `save` writes and `fxopt.load` reads back.
+    `substitutes` pairs each applied site (with its original layer, `site.module`) with its
+    substitute.
     """
 
     model: fx.GraphModule
     program: torch.export.ExportedProgram
     report: dict[str, Any]
+    substitutes: list[tuple[Site, nn.Module]] = field(default_factory=list)  # the applied ones
 
     def save(self, out_dir: str | Path) -> Path:
         from .save import save
@@ -131,7 +134,7 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         params=(param_count(model), param_count(gm)), stages=stage.timings,
         batches=len(batches), source=source,
     )
-    return Result(gm, program, report)
+    return Result(gm, program, report, accepted)
 
 
 def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[Site, nn.Module]]]:

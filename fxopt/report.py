@@ -141,3 +141,29 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
                   f" · linear/conv FLOPs {change(e['flops_before'], e['flops_after'], 'fewer', 'more')}")
     for v in e["violations"]:
         console.print(f"[red]end-to-end tolerance violated: {v}[/]")
+
+
+def print_bench(timings: dict[str, Any], console: Console | None = None) -> None:
+    """The timings of `fxopt bench` as one table: end to end first, then each rewritten site."""
+    console = console or Console()
+    compiled = timings["compiled"]
+    env = timings["environment"]
+    table = Table(title=f"fxopt bench · {timings['model']} · {timings['rules']} · {env['device']}, "
+                        f"{env['threads']} threads, torch {env['torch']}", title_justify="left")
+    # µs per call; +c: under torch.compile; speed-ups are original ÷ fxopt, "best" the faster of each side
+    cols = ["", "orig µs", "fxopt µs"] + (["orig+c µs", "fxopt+c µs"] if compiled else [])
+    cols += ["eager"] + (["compiled", "best"] if compiled else [])
+    for col in cols:
+        table.add_column(col, justify="right" if col else "left")
+    rows = [("end to end", timings["end_to_end"])] + [(s["name"], s) for s in timings["sites"]]
+    for name, row in rows:
+        us, sp = row["us"], row["speedup"]
+        cells = [f"{us['original']:.1f}", f"{us['fxopt']:.1f}"]
+        if compiled:
+            cells += [f"{us['original+compile']:.1f}", f"{us['fxopt+compile']:.1f}"]
+        cells += [f"{sp['eager']:.2f}×"] + ([f"{sp['compiled']:.2f}×", f"[bold]{sp['best']:.2f}×[/]"] if compiled else [])
+        table.add_row(name, *cells)
+    console.print(table)
+    acc = timings["accuracy"]
+    top1 = f" · top-1 agreement {acc['top1_agreement']:.3f}" if acc["top1_agreement"] is not None else ""
+    console.print(f"for: end-to-end cosine {fmt(acc['cosine'], 4)}{top1} (see `fxopt optimize` for the full report)")

@@ -72,6 +72,22 @@ def atomic_directory(out: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_json(path: str | Path, data) -> None:
+    """Write `data` as JSON to `path` through a temporary file in the same folder, then rename:
+    a reader never sees half a file, and an error leaves any previous file as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(_json_safe(data), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
 def save(result, out_dir: str | Path) -> Path:
     """Write `result` (an fxopt.Result) into `out_dir` atomically; returns the folder."""
     from . import __version__

@@ -1,0 +1,105 @@
+"""Timing: the original model against the rewritten one, eager and under torch.compile, end to end
+and per rewritten site, side by side in one process.
+
+Each figure is the median, over interleaved rounds, of torch.utils.benchmark medians taken after
+warm-up (compilation happens there). Ratios are original time / rewritten time (> 1: faster);
+"best" compares the faster of eager and compiled on each side, so a rewritten model is never
+credited for being compiled against an uncompiled original. Per-site timings run each original
+layer and its substitute on a random input of the site's recorded shape.
+
+    >>> timings = bench(model, example_inputs, "kron")          # doctest: +SKIP
+    >>> timings["end_to_end"]["speedup"]["best"]
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from .pipeline import Result, optimize
+from .rules import RuleSet
+
+
+def median_seconds(fn, args: tuple, min_run_time: float) -> float:
+    """Median of torch.utils.benchmark's blocked runs of fn(*args) (CUDA is synchronised)."""
+    timer = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+@torch.no_grad()
+def time_variants(variants: dict[str, Any], args: tuple, rounds: int, min_run_time: float) -> dict[str, float]:
+    """Median seconds per variant: three warm-up calls each, then interleaved rounds, so that a
+    drift of the machine hits every variant alike."""
+    for fn in variants.values():
+        for _ in range(3):
+            fn(*args)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times[name].append(median_seconds(fn, args, min_run_time))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def speedups(t: dict[str, float], compiled: bool) -> dict[str, float | None]:
+    """original/rewritten ratios from timings keyed original, fxopt (and their +compile forms)."""
+    out = {"eager": round(t["original"] / t["fxopt"], 3), "compiled": None, "best": None}
+    if compiled:
+        out["compiled"] = round(t["original+compile"] / t["fxopt+compile"], 3)
+        out["best"] = round(min(t["original"], t["original+compile"]) / min(t["fxopt"], t["fxopt+compile"]), 3)
+    else:
+        out["best"] = out["eager"]
+    return out
+
+
+def _variants(original: nn.Module, rewritten: nn.Module, compiled: bool) -> dict[str, Any]:
+    variants = {"original": original, "fxopt": rewritten}
+    if compiled:
+        torch._dynamo.reset()  # a clean cache: past its recompile limit Dynamo silently runs eager
+        variants |= {"original+compile": torch.compile(original, dynamic=False),
+                     "fxopt+compile": torch.compile(rewritten, dynamic=False)}
+    return variants
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu})",
+            "cpu": cpu, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, *, compile: bool = True,
+          rounds: int = 3, min_run_time: float = 0.2, calibration: Iterable[tuple] | None = None,
+          result: Result | None = None, source: str | None = None) -> dict[str, Any]:
+    """Optimize `model` by `rules` (or take a given `result`) and time it against the original."""
+    result = result or optimize(model, example_inputs, rules, calibration=calibration, source=source)
+    model = model.eval()
+    inputs = tuple(example_inputs)
+    t = time_variants(_variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
+    e2e = {"us": {k: round(v * 1e6, 2) for k, v in t.items()}, "speedup": speedups(t, compile)}
+    sites = []
+    for site, substitute in result.substitutes:
+        w = site.module.weight
+        x = torch.randn(site.in_shape, dtype=site.input.meta["tensor_meta"].dtype, device=w.device)
+        ts = time_variants(_variants(site.module, substitute, compile), (x,), rounds, min_run_time)
+        sites.append({"name": site.key, "substitute": type(substitute).__name__, "input_shape": list(site.in_shape),
+                      "us": {k: round(v * 1e6, 2) for k, v in ts.items()}, "speedup": speedups(ts, compile)})
+    device = inputs[0].device if inputs else torch.device("cpu")
+    return {
+        "model": source or type(model).__name__, "rules": result.report["rules"], "compiled": compile,
+        "rounds": rounds, "min_run_time": min_run_time, "environment": environment(device),
+        "input_shapes": [list(x.shape) for x in inputs],
+        "end_to_end": e2e, "sites": sites,
+        "accuracy": {k: result.report["end_to_end"][k] for k in ("max_abs", "rel_l2", "sqnr_db", "cosine", "top1_agreement")},
+        "size": {k: result.report["end_to_end"][k] for k in ("params_before", "params_after", "flops_before", "flops_after")},
+    }
