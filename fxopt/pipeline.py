@@ -34,6 +34,7 @@ from .errors import FxoptError
 from .flops import dense_flops, flops, param_count
 from .match import Decision, Site, choose_rules, find_sites
 from .passes import cleanup, substitute
+from .report import build_report
 from .trace import trace
 from .validate import end_to_end, site_errors
 
@@ -126,8 +127,6 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         program = export(gm, tuple(example_inputs))
     with stage("end_to_end"):
         e2e = end_to_end(model, program.module(), batches)
-
-    from .report import build_report
 
     report = build_report(
         records=list(records.values()), e2e=e2e, ruleset=ruleset, traced=traced,

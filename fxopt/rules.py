@@ -250,10 +250,10 @@ def _params(r: _Reader, node: yaml.Node | None, spec: substitutes.SubstituteSpec
     if node is None:
         return spec.parse_params({})
     fields = r.mapping(node, f"params of {spec.name!r}", tuple(p.name for p in spec.params))
-    for name, (_, value) in fields.items():
+    for name, (_, value) in fields.items():  # each value alone first, to point at the bad one
         try:
-            spec.parse_params({name: r.plain(value)})
-        except (ValueError, KeyError) as exc:
+            spec.param(name).parse(r.plain(value))
+        except ValueError as exc:
             raise r.fail(value, f"params.{name}: {exc.args[0]}") from None
     try:
         return spec.parse_params({name: r.plain(value) for name, (_, value) in fields.items()})
