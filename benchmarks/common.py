@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fxopt.bench import environment, median_seconds, time_variants  # noqa: F401  (re-exported)
+from fxopt.bench import environment, time_variants  # noqa: F401  (time_variants: re-exported for the scripts)
 
 
 def run_info() -> dict:
@@ -29,10 +28,3 @@ def run_info() -> dict:
         "commit": (commit or "unknown") + ("+changes" if dirty else ""),
         "machine": environment(torch.device("cpu")),
     }
-
-
-def write_result(path: Path | None, result: dict) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")

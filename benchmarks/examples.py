@@ -10,27 +10,19 @@ and under torch.compile, at the example's batch and at 8× that batch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 import fxopt
-from common import run_info, write_result
+from common import run_info
 from fxopt.bench import bench
+from fxopt.save import write_json
+from fxopt.trace import calibration_batches, load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["mlp", "cnn", "transformer"]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -41,16 +33,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in EXAMPLES:
-        ex = load_example(name)
-        model = ex.build_model()
-        result = fxopt.optimize(model, ex.example_inputs(), "kron", calibration=list(ex.calibration_data()))
+        spec = load_model_file(ROOT / "examples" / f"{name}.py")
+        model = spec.model
+        result = fxopt.optimize(model, spec.example_inputs, "kron", calibration=calibration_batches(spec))
         for scale in (1, 8):
-            inputs = tuple(t.repeat(scale, *[1] * (t.dim() - 1)) for t in ex.example_inputs())
+            inputs = tuple(t.repeat(scale, *[1] * (t.dim() - 1)) for t in spec.example_inputs)
             timings = bench(model, inputs, "kron", result=result, rounds=args.rounds,
                             min_run_time=args.min_run_time, source=name)
             rows.append({"example": name, **timings})
             print(json.dumps(timings["end_to_end"]), flush=True)
-    write_result(args.out, {"benchmark": "examples", **run_info(), "rules": "kron", "rows": rows})
+    if args.out:
+        write_json(args.out, {"benchmark": "examples", **run_info(), "rules": "kron", "rows": rows})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

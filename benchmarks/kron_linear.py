@@ -22,7 +22,8 @@ from torch import nn
 
 from fxopt.substitutes.kron import KronLinear
 
-from common import run_info, time_variants, write_result
+from common import run_info, time_variants
+from fxopt.save import write_json
 
 SIZES = [(512, 512), (1024, 1024), (4096, 1024), (1024, 4096)]  # (in, out)
 BATCHES = [1, 64, 512]
@@ -72,7 +73,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"benchmark": "kron_linear", **run_info(), "settings": SETTINGS, "rows": rows}
-    write_result(args.out, result)
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

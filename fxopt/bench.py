@@ -24,6 +24,7 @@ from torch.utils import benchmark
 
 from .pipeline import Result, optimize
 from .rules import RuleSet
+from .validate import eval_mode
 
 
 def median_seconds(fn, args: tuple, min_run_time: float) -> float:
@@ -83,9 +84,9 @@ def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, 
           result: Result | None = None, source: str | None = None) -> dict[str, Any]:
     """Optimize `model` by `rules` (or take a given `result`) and time it against the original."""
     result = result or optimize(model, example_inputs, rules, calibration=calibration, source=source)
-    model = model.eval()
     inputs = tuple(example_inputs)
-    t = time_variants(_variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
+    with eval_mode(model):
+        t = time_variants(_variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
     e2e = {"us": {k: round(v * 1e6, 2) for k, v in t.items()}, "speedup": speedups(t, compile)}
     sites = []
     for site, substitute in result.substitutes:

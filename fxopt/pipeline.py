@@ -35,7 +35,7 @@ from .flops import dense_flops, flops, param_count
 from .match import Decision, Site, choose_rules, find_sites
 from .passes import cleanup, substitute
 from .report import build_report
-from .trace import trace
+from .trace import export_program, trace
 from .validate import end_to_end, site_errors
 
 log = logging.getLogger("fxopt")
@@ -203,9 +203,8 @@ def _violations(rec: SiteRecord) -> list[str]:
 
 def export(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
     """The rewritten graph as a torch.export program, batch dimension dynamic where it can be."""
-    dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
     try:
-        return torch.export.export(gm, example_inputs, strict=False, dynamic_shapes=dynamic)
+        return export_program(gm, example_inputs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise FxoptError(f"cannot export the rewritten model: {type(exc).__name__}: {first}") from None

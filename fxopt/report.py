@@ -66,10 +66,6 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def ratio(before: int, after: int) -> str:
-    return f"{before / after:.1f}×" if after else "—"
-
-
 def change(before: int, after: int, less: str, more: str) -> str:
     """'7.6× smaller', '2.0× larger' or 'unchanged', read from before/after counts."""
     if not after or not before:
@@ -96,8 +92,8 @@ def markdown(report: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
         *(f"| {k} | {fmt(e[k])} |" for k in (*ERROR_KEYS, "top1_agreement")),
-        f"| params | {fmt(e['params_before'])} → {fmt(e['params_after'])} ({ratio(e['params_before'], e['params_after'])}) |",
-        f"| linear/conv FLOPs | {fmt(e['flops_before'])} → {fmt(e['flops_after'])} ({ratio(e['flops_before'], e['flops_after'])}) |",
+        f"| params | {fmt(e['params_before'])} → {fmt(e['params_after'])} ({change(e['params_before'], e['params_after'], 'smaller', 'larger')}) |",
+        f"| linear/conv FLOPs | {fmt(e['flops_before'])} → {fmt(e['flops_after'])} ({change(e['flops_before'], e['flops_after'], 'fewer', 'more')}) |",
         f"| tolerance | {e['tolerance'] or '—'} |",
         f"| violations | {'; '.join(e['violations']) or 'none'} |",
         "",

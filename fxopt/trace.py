@@ -104,16 +104,21 @@ def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") ->
         except Exception as exc:  # any failure of the fast path sends us to torch.export
             first = f"{_where(exc)}{_first_line(exc)}"
         try:
-            dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
-            program = torch.export.export(copy.deepcopy(model), tuple(example_inputs), strict=False,
-                                          dynamic_shapes=dynamic)
-            gm = program.module()
+            # a fresh copy: a failed symbolic_trace can leave state behind in the module
+            gm = export_program(copy.deepcopy(model), example_inputs).module()
             _propagate_shapes(gm, example_inputs)
             return Traced(gm, "export", first)
         except Exception as exc:
             second = f"{_where(exc)}{_first_line(exc)}"
     raise TraceFailure(f"cannot trace {source} ({type(model).__name__}): "
                        f"symbolic_trace: {first}; torch.export: {second}")
+
+
+def export_program(module: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """Non-strict torch.export with the batch (first) dimension of every input left dynamic
+    wherever the model allows it."""
+    dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
+    return torch.export.export(module, tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
 
 
 @contextmanager

@@ -108,15 +108,15 @@ def is_classifier_output(value) -> bool:
 def end_to_end(original: nn.Module, rewritten: nn.Module, batches: Iterable[tuple]) -> dict[str, float | None]:
     """Error of the rewritten model's outputs against the original model's, over all batches."""
     stats = ErrorStats()
-    with _eval_mode(original):
+    with eval_mode(original):
         for batch in batches:
             _compare(stats, tree_leaves(original(*batch)), tree_leaves(rewritten(*batch)))
     return stats.metrics()
 
 
 @contextmanager
-def _eval_mode(model: nn.Module):
-    """Inference mode for the comparison, and the user's model left as it was found."""
+def eval_mode(model: nn.Module):
+    """Inference mode for a measurement, and the user's model left in the mode it was found in."""
     was_training = model.training
     model.eval()
     try:
