@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from fxopt.bench import environment, time_variants  # noqa: F401  (time_variants: re-exported for the scripts)
+from fxopt.bench import environment
+from fxopt.timing import time_variants  # noqa: F401  (re-exported for the scripts)
 
 
 def run_info() -> dict:

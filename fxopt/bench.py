@@ -14,37 +14,16 @@ layer and its substitute on a random input of the site's recorded shape.
 from __future__ import annotations
 
 import platform
-import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from .pipeline import Result, optimize
 from .rules import RuleSet
+from .timing import time_variants
 from .validate import eval_mode
-
-
-def median_seconds(fn, args: tuple, min_run_time: float) -> float:
-    """Median of torch.utils.benchmark's blocked runs of fn(*args) (CUDA is synchronised)."""
-    timer = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-@torch.no_grad()
-def time_variants(variants: dict[str, Any], args: tuple, rounds: int, min_run_time: float) -> dict[str, float]:
-    """Median seconds per variant: three warm-up calls each, then interleaved rounds, so that a
-    drift of the machine hits every variant alike."""
-    for fn in variants.values():
-        for _ in range(3):
-            fn(*args)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            times[name].append(median_seconds(fn, args, min_run_time))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def speedups(t: dict[str, float], compiled: bool) -> dict[str, float | None]:

@@ -1,14 +1,21 @@
 """`optimize()`: the whole pipeline, one named stage per line.
 
-    trace → match → build → validate → substitute → cleanup → export → end_to_end
+    trace → match → build → layerwise → validate → gate → substitute → cleanup → distill
+          → export → end_to_end
 
 * trace:      model → GraphModule with shapes (symbolic_trace, else torch.export)
 * match:      every linear/conv site, and the rule (if any) that claims it
 * build:      the rule's substitute via `from_original`; guards may decline
+* layerwise:  (optional) each substitute trained to reproduce its original layer's outputs on
+              calibration data (fxopt/layerwise.py)
 * validate:   each substitute against its original layer on identical inputs; a site that
               violates its rule's tolerance is rolled back (the original stays in the graph)
+* gate:       each remaining site timed, original layer against substitute; a rule's
+              `require_speedup` keeps the original where the substitute does not pay
 * substitute: the accepted substitutes go into the graph (pass)
 * cleanup:    dead nodes and unused parameters go (pass)
+* distill:    (optional) the substitutes trained inside the rewritten model against the
+              original model's outputs
 * export:     the rewritten graph as a torch.export program: what is saved and what `load` returns
 * end_to_end: the exported program against the user's original model
 
@@ -32,6 +39,8 @@ from . import rules as rules_mod
 from . import substitutes
 from .errors import FxoptError
 from .flops import dense_flops, flops, param_count
+from .gate import site_latency, verdict
+from .layerwise import Layerwise, distill, train_sites
 from .match import Decision, Site, choose_rules, find_sites
 from .passes import cleanup, substitute
 from .report import build_report
@@ -51,7 +60,7 @@ class SiteRecord:
     form: str
     rule: str | None
     substitute: str | None
-    status: str  # applied | rolled_back | skipped
+    status: str  # applied | rolled_back (tolerance) | gated (not faster enough) | skipped
     reason: str | None
     params: dict[str, Any]
     module_before: str
@@ -65,6 +74,10 @@ class SiteRecord:
     tolerance: dict[str, float] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     build_seconds: float = 0.0
+    error_init: dict[str, float | None] | None = None  # before layer-wise training
+    layerwise: dict[str, Any] | None = None  # steps, loss, loss_before, loss_after
+    require_speedup: float | None = None
+    latency: dict[str, Any] | None = None  # original_us, substitute_us, speedup, device
 
 
 @dataclass
@@ -103,13 +116,19 @@ class _Stages:
 
 
 def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
-             calibration: Iterable[tuple] | None = None, source: str | None = None) -> Result:
+             calibration: Iterable[tuple] | None = None, source: str | None = None,
+             layerwise: Layerwise | None = None, time_sites: bool = True) -> Result:
     """Rewrite `model` by `rules` (a path, a shipped name such as "kron", or a RuleSet).
 
-    Validation runs on the example inputs and on every calibration batch given.
+    Validation runs on the example inputs and on every calibration batch given. `layerwise`
+    trains the substitutes on the calibration batches (the example inputs when there are none)
+    before validation. `time_sites` times every applied site (the gate); rules with
+    `require_speedup` are timed whatever it says.
     """
     ruleset = rules_mod.load(rules)
-    batches = [tuple(example_inputs)] + [tuple(b) for b in (calibration or [])]
+    layerwise = layerwise or Layerwise()
+    calib = [tuple(b) for b in (calibration or [])]
+    batches = [tuple(example_inputs)] + calib
     stage = _Stages()
     with stage("trace"):
         traced = trace(model, tuple(example_inputs), source or type(model).__name__)
@@ -117,12 +136,21 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         decisions = choose_rules(find_sites(traced.gm), ruleset)
     with stage("build"):
         records, candidates = build(decisions)
+    if layerwise.steps:
+        with stage("layerwise"):
+            train_candidates(traced.gm, candidates, records, batches, calib or batches, layerwise)
     with stage("validate"):
         accepted = validate_sites(traced.gm, candidates, records, batches)
+    with stage("gate"):
+        accepted = gate_sites(accepted, records, time_sites)
     with stage("substitute"):
         gm, _ = substitute(traced.gm, accepted)
     with stage("cleanup"):
         gm, _ = cleanup(gm)
+    distilled = None
+    if layerwise.distill_steps and accepted:
+        with stage("distill"):
+            distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise)
     with stage("export"):
         program = export(gm, tuple(example_inputs))
     with stage("end_to_end"):
@@ -132,6 +160,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         records=list(records.values()), e2e=e2e, ruleset=ruleset, traced=traced,
         params=(param_count(model), param_count(gm)), stages=stage.timings,
         batches=len(batches), source=source,
+        training={"layerwise_steps": layerwise.steps, "lr": layerwise.lr, "loss": layerwise.loss,
+                  "batches": len(calib or batches) if layerwise.steps or layerwise.distill_steps else 0,
+                  "distill": distilled},
     )
     return Result(gm, program, report, accepted)
 
@@ -160,6 +191,36 @@ def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[
     return records, candidates
 
 
+def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],
+                     batches: list[tuple], train_batches: list[tuple], config: Layerwise) -> None:
+    """Layer-wise training; each record keeps its site's error before training (`error_init`)."""
+    before = site_errors(gm, candidates, batches)
+    trained = train_sites(gm, candidates, train_batches, config)
+    for site, _ in candidates:
+        rec = records[site.key]
+        rec.error_init = None if "failed" in before[site.key] else before[site.key]
+        rec.layerwise = trained.get(site.key)
+
+
+def gate_sites(accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],
+               time_all: bool) -> list[tuple[Site, nn.Module]]:
+    """Time the accepted sites; keep the original where a rule's `require_speedup` is not met."""
+    kept = []
+    for site, module in accepted:
+        rec = records[site.key]
+        if rec.require_speedup is None and not time_all:
+            kept.append((site, module))
+            continue
+        rec.latency = site_latency(site, module)
+        reason = verdict(rec.latency, rec.require_speedup)
+        if reason:
+            rec.status, rec.reason = "gated", reason
+            rec.module_after, rec.params_after, rec.flops_after = "unchanged", rec.params_before, rec.flops_before
+        else:
+            kept.append((site, module))
+    return kept
+
+
 def _record(d: Decision) -> SiteRecord:
     site, rule = d.site, d.rule
     before = param_count(site.module)
@@ -172,6 +233,7 @@ def _record(d: Decision) -> SiteRecord:
         module_after="unchanged", params_before=before, params_after=before,
         flops_before=dense, flops_after=dense,
         tolerance=rule.tolerance.as_dict() if rule else {},
+        require_speedup=rule.require_speedup if rule else None,
     )
 
 

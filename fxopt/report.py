@@ -3,6 +3,10 @@
 `report.json` keys are stable (schema 1): `sites` (one entry per linear/conv site), `end_to_end`
 (error keys, `top1_agreement` for classifier outputs, whole-model params and site FLOPs,
 the end-to-end tolerance and its violations), `totals`, `stages`, `trace`, `rules`, `model`.
+Keys added later, without changing the ones above: `training` (layer-wise settings and the
+distillation's losses), per site `error_init`, `layerwise`, `require_speedup`, `latency`, the
+status `gated` and `totals.gated`, `totals.slower` (applied sites measured slower than the
+original layer).
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ REPORT_SCHEMA = 1
 ERROR_KEYS = ("max_abs", "rel_l2", "sqnr_db", "cosine")
 
 
-def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source) -> dict[str, Any]:
+STATUSES = ("applied", "rolled_back", "gated", "skipped")
+
+
+def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source,
+                 training: dict[str, Any] | None = None) -> dict[str, Any]:
     from . import __version__
 
     sites = [asdict(r) for r in records]
-    counts = {s: sum(r.status == s for r in records) for s in ("applied", "rolled_back", "skipped")}
+    counts = {s: sum(r.status == s for r in records) for s in STATUSES}
+    slower = [r.key for r in records if r.status == "applied" and r.latency and r.latency["speedup"] < 1]
     flops_before = sum(r.flops_before for r in records)
     flops_after = sum(r.flops_after for r in records)
     violations = ruleset.end_to_end.violations(e2e)
@@ -44,10 +53,11 @@ def build_report(*, records, e2e, ruleset, traced, params, stages, batches, sour
         "rules": ruleset.source,
         "trace": {"method": traced.method, "fallback_reason": traced.fallback_reason},
         "validation_batches": batches,
+        "training": training or {},
         "stages": stages,
         "sites": sites,
         "end_to_end": end_to_end,
-        "totals": {"sites": len(records), **counts,
+        "totals": {"sites": len(records), **counts, "slower": slower,
                    "site_params_before": sum(r.params_before for r in records),
                    "site_params_after": sum(r.params_after for r in records),
                    "flops_before": flops_before, "flops_after": flops_after},
@@ -85,7 +95,10 @@ def markdown(report: dict[str, Any]) -> str:
         + f" · validated on {report['validation_batches']} batch(es) · fxopt {report['fxopt_version']}, "
           f"torch {report['environment']['torch']}",
         "",
-        f"Sites: {t['sites']} · applied {t['applied']} · rolled back {t['rolled_back']} · skipped {t['skipped']}",
+        f"Sites: {t['sites']} · applied {t['applied']} · rolled back {t['rolled_back']} · gated {t['gated']} "
+        f"· skipped {t['skipped']}",
+        *_training_lines(report),
+        *_slower_lines(t),
         "",
         "## End to end",
         "",
@@ -99,37 +112,74 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Sites",
         "",
-        "| site | op | rule | substitute | status | params | FLOPs | weight error | sqnr dB | rel L2 | cosine | max abs | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Errors are the substitute's output against the original layer's on identical inputs; "
+        "`sqnr dB (init)` is before layer-wise training. Latency: eager, original layer → substitute, "
+        "on the site's input shape.",
+        "",
+        "| site | op | rule | substitute | status | params | FLOPs | weight error | sqnr dB (init) | sqnr dB "
+        "| rel L2 | cosine | max abs | latency µs | speed-up | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sites"]:
-        err = s["error"] or {}
+        err, init, lat = s["error"] or {}, s.get("error_init") or {}, s.get("latency")
+        latency = f"{lat['original_us']:.1f} → {lat['substitute_us']:.1f}" if lat else "—"
+        speed = f"{lat['speedup']:.2f}×" if lat else "—"
         lines.append(
             f"| `{s['key']}` | {s['op']} ({s['form']}) | {s['rule'] or '—'} | {s['substitute'] or '—'} | {s['status']} "
             f"| {fmt(s['params_before'])} → {fmt(s['params_after'])} | {fmt(s['flops_before'])} → {fmt(s['flops_after'])} "
-            f"| {fmt(s['reconstruction_error'])} | {fmt(err.get('sqnr_db'))} | {fmt(err.get('rel_l2'))} "
-            f"| {fmt(err.get('cosine'))} | {fmt(err.get('max_abs'))} | {(s['reason'] or '').replace('|', '/')} |")
+            f"| {fmt(s['reconstruction_error'])} | {fmt(init.get('sqnr_db'))} | {fmt(err.get('sqnr_db'))} "
+            f"| {fmt(err.get('rel_l2'))} | {fmt(err.get('cosine'))} | {fmt(err.get('max_abs'))} | {latency} | {speed} "
+            f"| {(s['reason'] or '').replace('|', '/')} |")
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|",
               *(f"| {s['name']} | {s['seconds']:.3f} |" for s in report["stages"]), ""]
     return "\n".join(lines)
 
 
-STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "skipped": "dim"}
+def _training_lines(report: dict[str, Any]) -> list[str]:
+    t = report.get("training") or {}
+    lines = []
+    if t.get("layerwise_steps"):
+        lines.append(f"Layer-wise training: {t['layerwise_steps']} steps per site, loss {t['loss']}, lr {t['lr']:g}, "
+                     f"on {t['batches']} batch(es).")
+    if t.get("distill"):
+        d = t["distill"]
+        lines.append(f"Distillation: {d['steps']} steps, output loss {fmt(d['loss_before'])} → {fmt(d['loss_after'])}.")
+    return ["", *lines] if lines else []
+
+
+def _slower_lines(totals: dict[str, Any]) -> list[str]:
+    if not totals.get("slower"):
+        return []
+    return ["", f"**Slower:** {len(totals['slower'])} applied site(s) run slower than the original layer "
+                f"(eager, this machine): {', '.join(totals['slower'])}. Add `require_speedup` to their rule "
+                "to keep the original layers there."]
+
+
+STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "gated": "yellow", "skipped": "dim"}
 
 
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """A short terminal summary: one row per site, then the end-to-end line."""
     console = console or Console()
     table = Table(title=f"fxopt · {report['model']} · {report['rules']}", title_justify="left")
-    for col in ("site", "substitute", "status", "params", "sqnr dB", "note"):
-        table.add_column(col, overflow="fold")
+    for col in ("site", "substitute: status", "params", "sqnr dB", "speed-up", "note"):
+        # status and speed-up never wrap (tests and eyes look for them); the rest may
+        table.add_column(col, no_wrap=col in ("substitute: status", "speed-up"), overflow="fold")
     for s in report["sites"]:
-        err = s["error"] or {}
+        err, init, lat = s["error"] or {}, s.get("error_init") or {}, s.get("latency")
         note = s["reason"] or ""
-        table.add_row(s["key"], s["substitute"] or "—", f"[{STATUS_STYLE[s['status']]}]{s['status']}[/]",
-                      f"{fmt(s['params_before'])} → {fmt(s['params_after'])}", fmt(err.get("sqnr_db"), 3),
-                      note if len(note) < 70 else note[:67] + "…")
+        sqnr = fmt(err.get("sqnr_db"), 3)
+        if init:
+            sqnr = f"{fmt(init.get('sqnr_db'), 3)} → {sqnr}"
+        status = f"[{STATUS_STYLE[s['status']]}]{s['status']}[/]"
+        table.add_row(s["key"], f"{s['substitute']}: {status}" if s["substitute"] else status,
+                      f"{fmt(s['params_before'])} → {fmt(s['params_after'])}", sqnr,
+                      f"{lat['speedup']:.2f}×" if lat else "—", note if len(note) < 70 else note[:67] + "…")
     console.print(table)
+    slower = report["totals"].get("slower")
+    if slower:
+        console.print(f"[yellow]slower: {len(slower)} applied site(s) run slower than the original layer "
+                      f"(eager, this machine): {', '.join(slower)}[/]")
     e = report["end_to_end"]
     top1 = f" · top-1 agreement {e['top1_agreement']:.3f}" if e["top1_agreement"] is not None else ""
     console.print(f"end to end: sqnr {fmt(e['sqnr_db'], 3)} dB · cosine {fmt(e['cosine'], 5)} · "

@@ -16,6 +16,7 @@ A rule file names which layers to rewrite and with what; it holds no code (DESIG
         substitute: kron
         params: {compression: 8}
         tolerance: {sqnr_db: 3.0}          # max_abs, rel_l2 (≤) · sqnr_db, cosine (≥)
+        require_speedup: 1.2               # keep only if the layer runs ≥ 1.2× faster (measured)
         priority: 0                        # highest wins when several rules match a site
     end_to_end: {top1_agreement: 0.9}      # whole-model check; --strict fails when violated
 
@@ -117,6 +118,7 @@ class Rule:
     priority: int
     index: int  # position in the file; breaks priority ties (earlier wins)
     where: str  # "file:line"
+    require_speedup: float | None = None  # the gate: original time / substitute time, at least
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -262,7 +264,7 @@ def _params(r: _Reader, node: yaml.Node | None, spec: substitutes.SubstituteSpec
 
 
 def _rule(r: _Reader, node: yaml.Node, index: int) -> Rule:
-    allowed = ("name", "match", "substitute", "params", "tolerance", "priority")
+    allowed = ("name", "match", "substitute", "params", "tolerance", "require_speedup", "priority")
     fields = r.mapping(node, f"rule #{index + 1}", allowed, required=("substitute",))
     sub_node = fields["substitute"][1]
     try:
@@ -276,6 +278,11 @@ def _rule(r: _Reader, node: yaml.Node, index: int) -> Rule:
         bad = ", ".join(sorted(set(match.ops) - set(spec.ops)))
         raise r.fail(fields["match"][1], f"substitute {spec.name!r} cannot replace {bad}")
     params = _params(r, fields["params"][1] if "params" in fields else None, spec)
+    speedup = None
+    if "require_speedup" in fields:
+        speedup = r.scalar(fields["require_speedup"][1], "require_speedup", float)
+        if not speedup > 0:
+            raise r.fail(fields["require_speedup"][1], f"require_speedup must be > 0, got {speedup:g}")
     return Rule(
         name=r.scalar(fields["name"][1], "name", str) if "name" in fields else f"rule{index + 1}",
         match=match,
@@ -285,6 +292,7 @@ def _rule(r: _Reader, node: yaml.Node, index: int) -> Rule:
         priority=r.scalar(fields["priority"][1], "priority", int) if "priority" in fields else 0,
         index=index,
         where=f"{r.source}:{node.start_mark.line + 1}",
+        require_speedup=speedup,
     )
 
 

@@ -65,7 +65,7 @@ class ErrorStats:
         return out
 
 
-class _Recorder(fx.Interpreter):
+class Recorder(fx.Interpreter):
     """Runs a graph and keeps the values of the nodes in `keep`."""
 
     def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]):
@@ -87,7 +87,7 @@ def site_errors(gm: fx.GraphModule, pairs: Sequence[tuple[Site, nn.Module]],
     failed: dict[str, str] = {}
     keep = {n for site, _ in pairs for n in (site.input, site.output)}
     for batch in batches:
-        rec = _Recorder(gm, keep)
+        rec = Recorder(gm, keep)
         rec.run(*batch)
         for site, module in pairs:
             if site.key in failed:

@@ -90,6 +90,11 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`parse`, with YAML null (None) let through: "no such budget"."""
+    return lambda value: None if value is None else parse(value)
+
+
 def float_above(low: float) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         if isinstance(value, str):  # PyYAML reads 1e-3 as a string
@@ -104,4 +109,21 @@ def float_above(low: float) -> Callable[[Any], float]:
     return parse
 
 
-from . import kron  # noqa: E402,F401  (registers itself)
+def conv_guard(conv: nn.Module, technique: str) -> None:
+    """Decline convolutions the conv substitutes do not rebuild: grouped, or not zero-padded."""
+    if getattr(conv, "groups", 1) != 1:
+        raise Decline(f"grouped convolution (groups={conv.groups}) is not rewritten by {technique}")
+    if getattr(conv, "padding_mode", "zeros") != "zeros":
+        raise Decline(f"padding_mode={conv.padding_mode!r} is not supported by {technique}")
+
+
+def conv_class(kernel_dims: int) -> type[nn.Module]:
+    """nn.Conv1d or nn.Conv2d for a kernel with that many spatial dimensions."""
+    return {1: nn.Conv1d, 2: nn.Conv2d}[kernel_dims]
+
+
+# Each technique registers itself on import.
+from . import kron  # noqa: E402,F401
+from . import lowrank  # noqa: E402,F401
+from . import separable  # noqa: E402,F401
+from . import bottleneck  # noqa: E402,F401

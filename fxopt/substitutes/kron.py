@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Decline, Param, SubstituteSpec, float_above, positive_int, register
+from . import Decline, Param, SubstituteSpec, conv_guard, float_above, optional, positive_int, register
 
 
 def _balanced(n: int) -> tuple[int, int]:
@@ -190,10 +190,7 @@ class KronConv(_Kron):
     @classmethod
     def from_original(cls, conv: nn.Conv1d | nn.Conv2d, rank: int | str | None = None, compression: float | None = 32.0,
                       factors: Any = "auto", max_flops_ratio: float | None = None) -> "KronConv":
-        if conv.groups != 1:
-            raise Decline(f"grouped convolution (groups={conv.groups}) is not Kronecker-factored")
-        if conv.padding_mode != "zeros":
-            raise Decline(f"padding_mode={conv.padding_mode!r} is not supported")
+        conv_guard(conv, "kron")
         o, i, *kernel = conv.weight.shape
         k = math.prod(kernel)
         m1, m2, n1, n2 = _factors(factors, o, i, k)
@@ -268,10 +265,6 @@ def _parse_factors(value: Any) -> Any:
     raise ValueError(f"expected 'auto' or {{out: [m1, m2], in: [n1, n2]}}, got {value!r}")
 
 
-def _optional(parse):
-    return lambda value: None if value is None else parse(value)
-
-
 def _check(given: Mapping[str, Any]) -> None:
     if "rank" in given and "compression" in given:
         raise ValueError("give either 'rank' or 'compression', not both")
@@ -295,7 +288,7 @@ SPEC = register(SubstituteSpec(
         Param("compression", "parameter budget: at least this many times fewer weights; R is the largest "
               "rank within both budgets", 32.0, float_above(1.0)),
         Param("max_flops_ratio", "FLOPs budget: at most this times the dense layer's FLOPs (null: none); "
-              "an explicit rank over it is declined", 1.0, _optional(float_above(0.0))),
+              "an explicit rank over it is declined", 1.0, optional(float_above(0.0))),
         Param("factors", "'auto' (most balanced) or {out: [m1, m2], in: [n1, n2]}", "auto", _parse_factors),
     ),
     build=_build,

@@ -1,0 +1,35 @@
+"""The gate: measure each applied site's latency, original layer against substitute, and keep a
+substitute only where it pays.
+
+A rule with `require_speedup: 1.2` keeps its substitute only when the original layer takes at
+least 1.2× the substitute's time on the site's real input shape (random values; dtype and
+device of the layer's weight), eager, on this machine. Every other applied site is timed too, so
+the report says when a substitute that cuts parameters or FLOPs made its layer slower.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .match import Site
+from .timing import time_variants
+
+
+def site_latency(site: Site, module: nn.Module, rounds: int = 3, min_run_time: float = 0.02) -> dict[str, Any]:
+    """{"original_us", "substitute_us", "speedup"} of one site (speedup = original / substitute)."""
+    w = site.module.weight
+    x = torch.randn(site.in_shape, dtype=site.input.meta["tensor_meta"].dtype, device=w.device)
+    t = time_variants({"original": site.module, "substitute": module}, (x,), rounds, min_run_time)
+    return {"original_us": round(t["original"] * 1e6, 2), "substitute_us": round(t["substitute"] * 1e6, 2),
+            "speedup": round(t["original"] / t["substitute"], 3), "device": str(w.device)}
+
+
+def verdict(latency: dict[str, Any], require_speedup: float | None) -> str | None:
+    """Why the gate keeps the original layer, or None when the substitute passes."""
+    if require_speedup is None or latency["speedup"] >= require_speedup:
+        return None
+    return (f"gate: {latency['speedup']:.2f}× the original's speed < require_speedup {require_speedup:g} "
+            f"({latency['original_us']:.1f} µs → {latency['substitute_us']:.1f} µs); original kept")

@@ -1,0 +1,106 @@
+"""Low-rank Linear: two thin linears from a truncated SVD (the `lowrank` substitute).
+
+    W (m × n) ≈ U_r · S_r · V_rᵀ,   y = up(down(x)),   down.weight = √S_r·V_rᵀ (r × n),
+                                                      up.weight   = U_r·√S_r  (m × r)
+
+By Eckart–Young the truncated SVD is the best rank-r approximation of W in Frobenius (and
+spectral) norm, so `from_original` is the optimal starting point for layer-wise training. It costs
+r·(m + n) MACs per row against m·n for the dense layer.
+
+    >>> layer = LowRankLinear.from_original(torch.nn.Linear(512, 512), max_flops_ratio=0.25)
+    >>> layer.rank
+    64
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import Decline, Param, SubstituteSpec, float_above, optional, positive_int, register
+
+
+class LowRankLinear(nn.Module):
+    """y = up(down(x)): n → r → m, bias on `up` (the original layer's, copied)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, error: float = 0.0):
+        super().__init__()
+        r, n = down.shape
+        m = up.shape[0]
+        self.in_features, self.out_features = n, m
+        self.down = nn.Linear(n, r, bias=False)
+        self.up = nn.Linear(r, m, bias=bias is not None)
+        with torch.no_grad():
+            self.down.weight.copy_(down)
+            self.up.weight.copy_(up)
+            if bias is not None:
+                self.up.bias.copy_(bias)
+        self.reconstruction_error = error  # ‖W − up·down‖ / ‖W‖ at build time
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    @classmethod
+    def from_original(cls, linear: nn.Linear, rank: int | None = None,
+                      max_flops_ratio: float | None = 0.5) -> "LowRankLinear":
+        m, n = linear.weight.shape
+        r = _resolve_rank(rank, max_flops_ratio, m, n)
+        u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+        root = s[:r].sqrt()
+        total = s.square().sum()
+        error = (s[r:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+        dtype = linear.weight.dtype
+        return cls((root[:, None] * vh[:r]).to(dtype), (u[:, :r] * root).to(dtype),
+                   None if linear.bias is None else linear.bias.detach(), error)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))  # two GEMMs: rows·r·n + rows·m·r MACs
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.weight @ self.down.weight
+
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size | None = None) -> int:
+        return 2 * math.prod(input_shape[:-1]) * self.rank * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}→{self.rank}→{self.out_features}"
+
+
+def _resolve_rank(rank: int | None, max_flops_ratio: float | None, m: int, n: int) -> int:
+    """Explicit rank, or the largest one within the FLOPs budget r·(m + n) ≤ ratio·m·n."""
+    full = min(m, n)
+    if rank is not None:
+        if rank > full:
+            raise Decline(f"rank {rank} exceeds min(out, in) = {full}")
+        if max_flops_ratio is not None and rank * (m + n) > max_flops_ratio * m * n:
+            raise Decline(f"rank {rank} costs {rank * (m + n) / (m * n):.2f}× the dense FLOPs "
+                          f"(max_flops_ratio {max_flops_ratio:g})")
+        return rank
+    if max_flops_ratio is None:
+        return full
+    r = min(full, int(max_flops_ratio * m * n / (m + n) + 1e-9))
+    if r < 1:
+        raise Decline(f"rank 1 already costs {(m + n) / (m * n):.2f}× the dense FLOPs "
+                      f"(max_flops_ratio {max_flops_ratio:g})")
+    return r
+
+
+def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
+    return LowRankLinear.from_original(module, rank=params["rank"], max_flops_ratio=params["max_flops_ratio"])
+
+
+SPEC = register(SubstituteSpec(
+    name="lowrank",
+    summary="W ≈ U_r·S_r·V_rᵀ: two thin linears from a truncated SVD (Eckart–Young optimal)",
+    ops=("linear",),
+    params=(
+        Param("rank", "inner dimension r (null: the largest within max_flops_ratio)", None, optional(positive_int)),
+        Param("max_flops_ratio", "FLOPs budget: r·(in + out) ≤ this × in·out (null: none); an explicit rank "
+              "over it is declined", 0.5, optional(float_above(0.0))),
+    ),
+    build=_build,
+))
