@@ -56,21 +56,40 @@ def optimize(
     model: Path = typer.Argument(..., help="MODEL.py defining `model` or `build_model()`, and `example_inputs()`"),
     rules: str = typer.Option(..., "--rules", "-r", help="rule file path, or a shipped rule set's name (e.g. kron)"),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="output directory (replaced atomically)"),
-    calib_batches: int = typer.Option(8, "--calib-batches", min=0, help="calibration batches used for validation"),
+    calib_batches: int = typer.Option(8, "--calib-batches", min=0, help="calibration batches used (validation, training)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data: a .pt file holding a tensor or a "
+                                         "list of batches (default: the model file's calibration_data())"),
+    layerwise_steps: int = typer.Option(0, "--layerwise-steps", min=0, help="layer-wise training steps per substitute (0: off)"),
+    layerwise_lr: float = typer.Option(1e-3, "--layerwise-lr", min=0.0, help="Adam learning rate of layer-wise training"),
+    layerwise_loss: str = typer.Option("mse", "--layerwise-loss", help="mse (relative squared error) or cosine"),
+    distill_steps: int = typer.Option(0, "--distill-steps", min=0, help="end-to-end distillation steps after layer-wise training"),
+    time_sites: bool = typer.Option(True, "--time-sites/--no-time-sites", help="time every applied site against its "
+                                    "original layer (rules with require_speedup are always timed)"),
     strict: bool = typer.Option(False, "--strict", help="exit 2 if any site is rolled back or end-to-end tolerance fails"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
 ) -> None:
-    """Trace MODEL.py, apply RULES, validate, and write model.pt2 and reports into OUT."""
+    """Trace MODEL.py, apply RULES, (train,) validate, and write model.pt2 and reports into OUT."""
+    from fxopt.layerwise import Layerwise
     from fxopt.pipeline import optimize as run
     from fxopt.report import print_summary
-    from fxopt.trace import calibration_batches, load_model_file
+    from fxopt.trace import calibration_batches, load_calibration_file, load_model_file
 
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        layerwise = Layerwise(steps=layerwise_steps, lr=layerwise_lr, loss=layerwise_loss, distill_steps=distill_steps,
+                              progress=True)
+    except ValueError as exc:
+        raise FxoptError(str(exc)) from None
     ruleset = rules_mod.load(rules)  # rule errors before the (slower) model import
     spec = load_model_file(model)
-    result = run(spec.model, spec.example_inputs, ruleset,
-                 calibration=calibration_batches(spec, calib_batches), source=str(model))
+    if calib is not None:
+        batch = spec.example_inputs[0].shape[0] if spec.example_inputs and spec.example_inputs[0].dim() else 1
+        calibration = load_calibration_file(calib, batch, calib_batches)
+    else:
+        calibration = calibration_batches(spec, calib_batches)
+    result = run(spec.model, spec.example_inputs, ruleset, calibration=calibration, source=str(model),
+                 layerwise=layerwise, time_sites=time_sites)
     result.save(out)
     print_summary(result.report, console)
     console.print(f"wrote {out}/model.pt2, report.json, report.md")

@@ -159,23 +159,27 @@ STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "gated": "yellow", 
 
 
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
-    """A short terminal summary: one row per site, then the end-to-end line."""
+    """A short terminal summary: one row per site, the notes of sites left unchanged, then the
+    end-to-end line."""
     console = console or Console()
     table = Table(title=f"fxopt · {report['model']} · {report['rules']}", title_justify="left")
-    for col in ("site", "substitute: status", "params", "sqnr dB", "speed-up", "note"):
-        # status and speed-up never wrap (tests and eyes look for them); the rest may
-        table.add_column(col, no_wrap=col in ("substitute: status", "speed-up"), overflow="fold")
+    for col in ("site", "substitute: status", "params", "sqnr dB", "speed-up"):
+        table.add_column(col, no_wrap=col != "site", overflow="fold")
+    notes = []
     for s in report["sites"]:
         err, init, lat = s["error"] or {}, s.get("error_init") or {}, s.get("latency")
-        note = s["reason"] or ""
         sqnr = fmt(err.get("sqnr_db"), 3)
         if init:
             sqnr = f"{fmt(init.get('sqnr_db'), 3)} → {sqnr}"
         status = f"[{STATUS_STYLE[s['status']]}]{s['status']}[/]"
         table.add_row(s["key"], f"{s['substitute']}: {status}" if s["substitute"] else status,
                       f"{fmt(s['params_before'])} → {fmt(s['params_after'])}", sqnr,
-                      f"{lat['speedup']:.2f}×" if lat else "—", note if len(note) < 70 else note[:67] + "…")
+                      f"{lat['speedup']:.2f}×" if lat else "—")
+        if s["reason"]:
+            notes.append(f"  {s['key']}: {s['reason']}")
     console.print(table)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
     slower = report["totals"].get("slower")
     if slower:
         console.print(f"[yellow]slower: {len(slower)} applied site(s) run slower than the original layer "

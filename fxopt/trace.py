@@ -200,4 +200,29 @@ def calibration_batches(spec: ModelSpec, limit: int | None = None) -> list[tuple
     return batches
 
 
-__all__ = ["ModelSpec", "Traced", "load_model_file", "trace", "calibration_batches"]
+def load_calibration_file(path: str | Path, batch_size: int, limit: int | None = None) -> list[tuple]:
+    """Calibration batches from a `.pt` file (read with `weights_only=True`, so no code runs):
+    one tensor (split along dim 0 into batches of `batch_size`), or a list of batches, each a
+    tensor or a tuple/list of tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such calibration file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"{path}: cannot read calibration data ({type(exc).__name__}: {first})") from None
+    if isinstance(data, torch.Tensor):
+        data = list(torch.split(data, max(batch_size, 1))) if data.dim() else None
+    if not isinstance(data, (list, tuple)) or not data:
+        raise ModelFileError(f"{path}: expected a tensor or a non-empty list of batches, got {type(data).__name__}")
+    batches = []
+    for i, batch in enumerate(data):
+        batch = (batch,) if isinstance(batch, torch.Tensor) else batch
+        if not isinstance(batch, (list, tuple)) or not batch or not all(isinstance(t, torch.Tensor) for t in batch):
+            raise ModelFileError(f"{path}: batch {i} is not a tensor or a tuple of tensors")
+        batches.append(tuple(batch))
+    return batches[:limit] if limit is not None else batches
+
+
+__all__ = ["ModelSpec", "Traced", "load_model_file", "trace", "calibration_batches", "load_calibration_file"]

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import EXAMPLES, ROOT
@@ -162,3 +163,37 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
                            "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "model.pt2").is_file()
+
+
+def test_layerwise_training_from_a_calibration_file(write, tmp_path):
+    model = write("model.py", GOOD_MODEL)
+    rules = write("r.yaml", "version: 1\nrules:\n  - substitute: lowrank\n    params: {rank: 4}\n")
+    torch.save(torch.randn(40, 64), tmp_path / "calib.pt")  # one tensor: split into batches of 8
+    code, stdout, stderr = run("optimize", model, "--rules", rules, "--out", tmp_path / "o", "--calib",
+                               tmp_path / "calib.pt", "--layerwise-steps", "5", "--distill-steps", "3",
+                               "--no-time-sites")
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["training"]["layerwise_steps"] == 5 and report["training"]["batches"] == 5
+    assert report["training"]["distill"]["steps"] == 3
+    assert report["validation_batches"] == 6
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"not a torch file", "cannot read calibration data"),
+    ([1, 2], "batch 0 is not a tensor"),
+    ([], "non-empty list"),
+])
+def test_bad_calibration_files(write, tmp_path, content, fragment):
+    model = write("model.py", GOOD_MODEL)
+    path = tmp_path / "calib.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    code, _, stderr = run("optimize", model, "--rules", "kron", "--out", tmp_path / "o", "--calib", path)
+    assert_one_line_error(code, stderr, str(path), fragment)
+    code, _, stderr = run("optimize", model, "--rules", "kron", "--out", tmp_path / "o", "--calib", tmp_path / "no.pt")
+    assert_one_line_error(code, stderr, "no such calibration file")
+    code, _, stderr = run("optimize", model, "--rules", "kron", "--out", tmp_path / "o", "--layerwise-loss", "l1")
+    assert_one_line_error(code, stderr, "unknown layer-wise loss 'l1'")

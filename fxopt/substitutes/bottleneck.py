@@ -77,17 +77,17 @@ class BottleneckConv(nn.Module):
             raise Decline(f"ranks {r_in}/{r_out} cost {ratio:.2f}× the dense FLOPs (max_flops_ratio {max_flops_ratio:g})")
         core, u_out, u_in, error = tucker2(conv.weight, r_out, r_in, sweeps)
         conv_cls, ones, dtype = conv_class(len(kernel)), [1] * len(kernel), conv.weight.dtype
-        reduce = conv_cls(i, r_in, 1, bias=False)
-        core_conv = conv_cls(r_in, r_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False)
-        expand = conv_cls(r_out, o, 1, bias=conv.bias is not None)
+        like = {"dtype": dtype, "device": conv.weight.device}
+        reduce = conv_cls(i, r_in, 1, bias=False, **like)
+        core_conv = conv_cls(r_in, r_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False, **like)
+        expand = conv_cls(r_out, o, 1, bias=conv.bias is not None, **like)
         with torch.no_grad():
             reduce.weight.copy_(u_in.T.reshape(r_in, i, *ones).to(dtype))
             core_conv.weight.copy_(core.reshape(r_out, r_in, *kernel).to(dtype))
             expand.weight.copy_(u_out.reshape(o, r_out, *ones).to(dtype))
             if conv.bias is not None:
                 expand.bias.copy_(conv.bias)
-        device = conv.weight.device
-        return cls(reduce.to(device), core_conv.to(device), expand.to(device), error)
+        return cls(reduce, core_conv, expand, error)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.core(self.reduce(x)))

@@ -31,8 +31,9 @@ class LowRankLinear(nn.Module):
         r, n = down.shape
         m = up.shape[0]
         self.in_features, self.out_features = n, m
-        self.down = nn.Linear(n, r, bias=False)
-        self.up = nn.Linear(r, m, bias=bias is not None)
+        like = {"dtype": down.dtype, "device": down.device}
+        self.down = nn.Linear(n, r, bias=False, **like)
+        self.up = nn.Linear(r, m, bias=bias is not None, **like)
         with torch.no_grad():
             self.down.weight.copy_(down)
             self.up.weight.copy_(up)

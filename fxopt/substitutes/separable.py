@@ -64,16 +64,16 @@ class SeparableConv(nn.Module):
         depth[:, :keep] = vh[:, :keep]
         total = s.square().sum()
         error = (s[:, keep:].square().sum() / total).sqrt().item() if total > 0 else 0.0
-        conv_cls = conv_class(len(kernel))
-        dw = conv_cls(i, i * mu, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=i, bias=False)
-        pw = conv_cls(i * mu, o, 1, bias=conv.bias is not None)
+        conv_cls, like = conv_class(len(kernel)), {"dtype": conv.weight.dtype, "device": conv.weight.device}
+        dw = conv_cls(i, i * mu, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=i, bias=False, **like)
+        pw = conv_cls(i * mu, o, 1, bias=conv.bias is not None, **like)
         dtype = conv.weight.dtype
         with torch.no_grad():
             dw.weight.copy_(depth.reshape(i * mu, 1, *kernel).to(dtype))
             pw.weight.copy_(point.reshape(o, i * mu, *([1] * len(kernel))).to(dtype))
             if conv.bias is not None:
                 pw.bias.copy_(conv.bias)
-        return cls(dw.to(conv.weight.device), pw.to(conv.weight.device), error)
+        return cls(dw, pw, error)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
