@@ -27,4 +27,5 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json
 	$(BIN)/python benchmarks/examples.py --out benchmarks/results/examples_cpu.json
+	$(BIN)/python benchmarks/layerwise_cnn.py --out benchmarks/results/layerwise_cnn_cpu.json
 	$(BIN)/python benchmarks/render.py > BENCHMARKS.md

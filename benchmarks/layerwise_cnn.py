@@ -110,7 +110,18 @@ def run_model(name: str, args, data) -> dict:
     (xtr, ytr), (xte, yte) = data
     torch.manual_seed(args.seed)
     model = he_init(MODELS[name]())
-    train_s = train(model, xtr, ytr, args.epochs, 64, args.lr, args.seed)
+    ckpt = args.checkpoints / f"{name}-n{args.train}-e{args.epochs}-lr{args.lr:g}-s{args.seed}.pt" \
+        if args.checkpoints else None
+    if ckpt is not None and ckpt.is_file():  # the same training run, kept: re-tune compression only
+        saved = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(saved["state"])
+        model.eval()
+        train_s = saved["train_seconds"]
+    else:
+        train_s = train(model, xtr, ytr, args.epochs, 64, args.lr, args.seed)
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": model.state_dict(), "train_seconds": train_s}, ckpt)
     base_acc = accuracy(model, xte, yte)
     print(f"{name}: trained in {train_s:.0f} s, test accuracy {base_acc:.2f}%", flush=True)
 
@@ -166,11 +177,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-batches", type=int, default=32, help="unlabelled training batches of 64 for compression")
-    p.add_argument("--layerwise-steps", type=int, default=300)
+    p.add_argument("--calib-batches", type=int, default=64, help="unlabelled training batches of 64 for compression")
+    p.add_argument("--layerwise-steps", type=int, default=600)
     p.add_argument("--layerwise-lr", type=float, default=2e-3)
-    p.add_argument("--distill-steps", type=int, default=300)
-    p.add_argument("--distill-lr", type=float, default=5e-4)
+    p.add_argument("--distill-steps", type=int, default=800)
+    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="keep trained models here and reuse them (the training run is deterministic)")
     p.add_argument("--batch", type=int, default=64, help="batch size of the timed inference")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-run-time", type=float, default=0.5)
@@ -178,7 +191,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data = (make_shapes(args.train, SIZE, seed=args.seed), make_shapes(args.test, SIZE, seed=args.seed + 1000))
     results = [run_model(name, args, data) for name in args.models]
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "checkpoints")}
     write_json(args.out, {"run": run_info(), "settings": settings, "results": results})
     print(f"wrote {args.out}")
 

@@ -28,3 +28,10 @@ def test_rule_language_example_is_valid():
     (rule,) = ruleset.rules
     assert rule.name == "kron-big-linears" and rule.priority == 0
     assert ruleset.end_to_end.top1_agreement == 0.95
+
+
+def test_every_shipped_rule_set_named_in_a_command_exists_and_has_a_section():
+    named = set(re.findall(r"fxopt (?:optimize|bench) \S+ --rules (\w+)", README))
+    assert named and named <= set(rules.shipped()), named - set(rules.shipped())
+    for name in rules.shipped():
+        assert f"### `{name}`" in README, f"no README section for the shipped rule set {name}"
