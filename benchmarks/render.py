@@ -68,7 +68,7 @@ def examples(r: dict) -> list[str]:
 def layerwise_cnn(r: dict) -> list[str]:
     st = r["settings"]
     lines = [
-        "## Layer-wise training of efficient convolutions (Zeng & Tian 2017, in small; CPU)", "", machine(r), "",
+        "## Layer-wise training of efficient convolutions (Zeng & Tian 2017, in small; CPU)", "", machine(r["run"]), "",
         f"Each model is trained here ({st['train']} generated shape/texture images, 32×32, {st['epochs']} epochs,",
         f"seed {st['seed']}), then compressed by fxopt: every conv but the stem → `{st['substitute']}` "
         f"(reduction {st['reduction']:g}),",

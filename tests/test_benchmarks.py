@@ -1,7 +1,11 @@
 """BENCHMARKS.md is rendered from the committed result files; the two must agree."""
 
+import json
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from conftest import ROOT
 
@@ -11,3 +15,35 @@ def test_benchmarks_md_is_what_render_makes_of_the_results():
                               text=True, check=True).stdout
     assert "## KronLinear against nn.Linear (CPU)" in rendered and "## Whole examples" in rendered
     assert (ROOT / "BENCHMARKS.md").read_text() == rendered
+
+
+def test_layerwise_experiment_is_rendered():
+    assert "## Layer-wise training of efficient convolutions" in (ROOT / "BENCHMARKS.md").read_text()
+
+
+def test_shapes_dataset_is_deterministic_balanced_and_structured():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from shapes import CLASSES, make_shapes
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    x, y = make_shapes(200, size=24, seed=3)
+    x2, y2 = make_shapes(200, size=24, seed=3)
+    assert x.shape == (200, 3, 24, 24) and torch.equal(x, x2) and torch.equal(y, y2)
+    assert torch.bincount(y, minlength=len(CLASSES)).tolist() == [20] * len(CLASSES)
+    assert not torch.equal(make_shapes(200, size=24, seed=4)[0], x)
+    # spatial structure: neighbouring pixels correlate far more than noise alone would
+    a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.3
+
+
+@pytest.mark.slow
+def test_layerwise_experiment_runs_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layerwise_cnn.py"), "--out", str(out),
+                    "--models", "alexnet", "--train", "256", "--test", "100", "--epochs", "1",
+                    "--calib-batches", "2", "--layerwise-steps", "3", "--distill-steps", "3", "--rounds", "1",
+                    "--min-run-time", "0.01", "--batch", "8"], check=True, capture_output=True, cwd=tmp_path)
+    (row,) = json.loads(out.read_text())["results"]
+    assert set(row["speedup"]) == {"eager", "compiled", "best"} and row["params"][1] <= row["params"][0]
+    assert all(s["status"] in ("applied", "gated", "rolled_back") for s in row["sites"])

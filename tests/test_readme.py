@@ -31,7 +31,7 @@ def test_rule_language_example_is_valid():
 
 
 def test_every_shipped_rule_set_named_in_a_command_exists_and_has_a_section():
-    named = set(re.findall(r"fxopt (?:optimize|bench) \S+ --rules (\w+)", README))
+    named = {n for n in re.findall(r"fxopt (?:optimize|bench) \S+ --rules (\S+)", README) if not n.endswith(".yaml")}
     assert named and named <= set(rules.shipped()), named - set(rules.shipped())
     for name in rules.shipped():
         assert f"### `{name}`" in README, f"no README section for the shipped rule set {name}"
