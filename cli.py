@@ -128,6 +128,22 @@ def bench(
         console.print(f"wrote {out}", markup=False)
 
 
+@app.command()
+@_one_line_errors
+def diff(
+    a: Path = typer.Argument(..., help="a result folder written by `fxopt optimize` (or a .pt2 file)"),
+    b: Path = typer.Argument(..., help="another one, e.g. the same model under other rules"),
+    out: Path = typer.Option(Path("diff.html"), "--out", "-o", help="the HTML page to write"),
+) -> None:
+    """Compare two saved results: both graphs with their differences marked, and every site's outcome."""
+    from fxopt.html import diff_page
+    from fxopt.save import load_report, write_text
+
+    page = diff_page(load_report(a), load_report(b), (str(a), str(b)))
+    write_text(out, page)
+    console.print(f"wrote {out}", markup=False)
+
+
 @rules_app.command("check")
 @_one_line_errors
 def rules_check(files: list[str] = typer.Argument(..., help="rule files (or shipped names) to validate")) -> None:

@@ -40,6 +40,7 @@ from . import substitutes
 from .errors import FxoptError
 from .flops import dense_flops, flops, param_count
 from .gate import site_latency, verdict
+from .graphs import summarize
 from .layerwise import Layerwise, distill, train_sites
 from .match import Decision, Site, choose_rules, find_sites
 from .passes import cleanup, substitute
@@ -144,9 +145,12 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     with stage("gate"):
         accepted = gate_sites(accepted, records, time_sites)
     with stage("substitute"):
-        gm, _ = substitute(traced.gm, accepted)
+        before = summarize(traced.gm, {n.name: d.site.key for d in decisions for n in d.site.nodes})
+        kept = {d.site.output.name: d.site.key for d in decisions if records[d.site.key].status != "applied"}
+        gm, placed = substitute(traced.gm, accepted)
     with stage("cleanup"):
         gm, _ = cleanup(gm)
+        after = summarize(gm, kept | _placed_nodes(gm, placed))
     distilled = None
     if layerwise.distill_steps and accepted:
         with stage("distill"):
@@ -159,7 +163,7 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     report = build_report(
         records=list(records.values()), e2e=e2e, ruleset=ruleset, traced=traced,
         params=(param_count(model), param_count(gm)), stages=stage.timings,
-        batches=len(batches), source=source,
+        batches=len(batches), source=source, graphs={"original": before, "rewritten": after},
         training={"layerwise_steps": layerwise.steps, "lr": layerwise.lr, "loss": layerwise.loss,
                   "batches": len(calib or batches) if layerwise.steps or layerwise.distill_steps else 0,
                   "distill": distilled},
@@ -189,6 +193,12 @@ def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[
         rec.reconstruction_error = getattr(module, "reconstruction_error", None)
         candidates.append((d.site, module))
     return records, candidates
+
+
+def _placed_nodes(gm: fx.GraphModule, placed: list[dict]) -> dict[str, str]:
+    """Node name → site key for the substitutes' call_module nodes in the rewritten graph."""
+    by_target = {p["target"]: p["site"] for p in placed}
+    return {n.name: by_target[n.target] for n in gm.graph.nodes if n.op == "call_module" and n.target in by_target}
 
 
 def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],

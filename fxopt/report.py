@@ -6,7 +6,7 @@ the end-to-end tolerance and its violations), `totals`, `stages`, `trace`, `rule
 Keys added later, without changing the ones above: `training` (layer-wise settings and the
 distillation's losses), per site `error_init`, `layerwise`, `require_speedup`, `latency`, the
 status `gated` and `totals.gated`, `totals.slower` (applied sites measured slower than the
-original layer).
+original layer), `graphs` (`original` and `rewritten`: nodes and edges, see fxopt/graphs.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ STATUSES = ("applied", "rolled_back", "gated", "skipped")
 
 
 def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source,
-                 training: dict[str, Any] | None = None) -> dict[str, Any]:
+                 training: dict[str, Any] | None = None, graphs: dict[str, Any] | None = None) -> dict[str, Any]:
     from . import __version__
 
     sites = [asdict(r) for r in records]
@@ -61,6 +61,7 @@ def build_report(*, records, e2e, ruleset, traced, params, stages, batches, sour
                    "site_params_before": sum(r.params_before for r in records),
                    "site_params_after": sum(r.params_after for r in records),
                    "flops_before": flops_before, "flops_after": flops_after},
+        "graphs": graphs or {},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "threads": torch.get_num_threads()},
     }

@@ -5,6 +5,7 @@ An output directory holds
     model.pt2      the rewritten model as a torch.export program (weights included; no pickle)
     report.json    machine-readable report (stable keys)
     report.md      the same for people
+    report.html    the graph diff, site table and plots (self-contained)
     manifest.json  marks the folder as an fxopt result
 
 It is written into a temporary sibling folder and renamed into place only once complete; an
@@ -72,9 +73,9 @@ def atomic_directory(out: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | Path, data) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same folder, then rename:
-    a reader never sees half a file, and an error leaves any previous file as it was."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, then rename: a reader
+    never sees half a file, and an error leaves any previous file as it was."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
@@ -82,15 +83,21 @@ def write_json(path: str | Path, data) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(_json_safe(data), indent=2) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
+def write_json(path: str | Path, data) -> None:
+    """`data` as JSON (NaN/Infinity as null), written as `write_text` does."""
+    write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
 def save(result, out_dir: str | Path) -> Path:
     """Write `result` (an fxopt.Result) into `out_dir` atomically; returns the folder."""
     from . import __version__
+    from .html import report_page
     from .report import markdown
 
     out = Path(out_dir)
@@ -99,6 +106,7 @@ def save(result, out_dir: str | Path) -> Path:
         report = _json_safe(result.report)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(markdown(result.report), encoding="utf-8")
+        (tmp / "report.html").write_text(report_page(report), encoding="utf-8")
         manifest = {"format": FORMAT, "version": 1, "fxopt_version": __version__, "model": "model.pt2"}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out
@@ -125,3 +133,33 @@ def load(path: str | Path) -> nn.Module:
     except Exception as exc:
         raise OutputError(f"{path}: cannot load exported program: {type(exc).__name__}: {exc}") from None
     return program.module()
+
+
+def load_report(path: str | Path) -> dict:
+    """The report of a saved result folder, or a minimal one (graph only) for a bare `.pt2` file,
+    so that `fxopt diff` compares either."""
+    from .graphs import summarize
+
+    path = Path(path)
+    if path.is_dir():
+        report_file = path / "report.json"
+        if not report_file.is_file():
+            raise OutputError(f"{path}: not an fxopt result (no report.json)")
+        try:
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{report_file}: cannot read: {exc}") from None
+        if not report.get("graphs"):
+            raise OutputError(f"{report_file}: written by an fxopt without graphs in its report; re-run optimize")
+        return report
+    if path.suffix == ".pt2" and path.is_file():
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:
+            raise OutputError(f"{path}: cannot load: {type(exc).__name__}: {exc}") from None
+        g = summarize(program.graph_module)
+        n = sum(p.numel() for p in program.graph_module.parameters())
+        return {"model": str(path), "rules": "—", "sites": [], "graphs": {"original": g, "rewritten": g},
+                "totals": {"sites": 0, "applied": 0, "rolled_back": 0, "gated": 0, "skipped": 0},
+                "end_to_end": {"params_before": n, "params_after": n, "flops_before": 0, "flops_after": 0}}
+    raise OutputError(f"{path}: neither an fxopt result folder nor a .pt2 file")

@@ -48,7 +48,7 @@ def test_optimize_writes_model_and_reports(write, tmp_path):
     out = tmp_path / "out"
     code, stdout, stderr = run("optimize", model, "--rules", "kron", "--out", out)
     assert code == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt2", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt2", "report.html", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert [s["status"] for s in report["sites"]] == ["applied", "applied", "skipped"]  # the head is excluded
     assert "end to end" in stdout
