@@ -27,5 +27,7 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json
 	$(BIN)/python benchmarks/examples.py --out benchmarks/results/examples_cpu.json
+	$(BIN)/python benchmarks/examples.py --pairs mlp:lowrank transformer:lowrank cnn:separable cnn:bottleneck \
+		--layerwise-steps 100 --out benchmarks/results/examples_efficient_cpu.json
 	$(BIN)/python benchmarks/layerwise_cnn.py --out benchmarks/results/layerwise_cnn_cpu.json
 	$(BIN)/python benchmarks/render.py > BENCHMARKS.md

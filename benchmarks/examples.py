@@ -1,10 +1,12 @@
-"""Whole models: each example before and after `rules/kron.yaml`, eager and under torch.compile.
+"""Whole models: each example before and after a shipped rule set, eager and under torch.compile.
 
-For every example, `fxopt.bench` (the same code as `fxopt bench`) times, side by side in one
-process, the original model and the rewritten one (the program `fxopt.load` returns), each eager
-and under torch.compile, at the example's batch and at 8× that batch.
+For every (example, rule set) pair, `fxopt.bench` (the same code as `fxopt bench`) times, side by
+side in one process, the original model and the rewritten one (the program `fxopt.load` returns),
+each eager and under torch.compile, at the example's batch and at 8× that batch.
 
     python benchmarks/examples.py --out benchmarks/results/examples_cpu.json
+    python benchmarks/examples.py --pairs mlp:lowrank transformer:lowrank cnn:separable cnn:bottleneck \
+        --layerwise-steps 100 --out benchmarks/results/examples_efficient_cpu.json
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import fxopt
 from common import run_info
 from fxopt.bench import bench
+from fxopt.layerwise import Layerwise
 from fxopt.save import write_json
 from fxopt.trace import calibration_batches, load_model_file
 
@@ -30,20 +33,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.1)
+    parser.add_argument("--pairs", nargs="+", default=[f"{e}:kron" for e in EXAMPLES],
+                        help="example:rules pairs (shipped rule set names)")
+    parser.add_argument("--layerwise-steps", type=int, default=0, help="layer-wise training before timing")
     args = parser.parse_args()
     rows = []
-    for name in EXAMPLES:
+    for pair in args.pairs:
+        name, rules = pair.split(":")
         spec = load_model_file(ROOT / "examples" / f"{name}.py")
         model = spec.model
-        result = fxopt.optimize(model, spec.example_inputs, "kron", calibration=calibration_batches(spec))
+        result = fxopt.optimize(model, spec.example_inputs, rules, calibration=calibration_batches(spec),
+                                layerwise=Layerwise(steps=args.layerwise_steps, lr=3e-3))
         for scale in (1, 8):
             inputs = tuple(t.repeat(scale, *[1] * (t.dim() - 1)) for t in spec.example_inputs)
-            timings = bench(model, inputs, "kron", result=result, rounds=args.rounds,
+            timings = bench(model, inputs, rules, result=result, rounds=args.rounds,
                             min_run_time=args.min_run_time, source=name)
-            rows.append({"example": name, **timings})
-            print(json.dumps(timings["end_to_end"]), flush=True)
+            applied = [s["key"] for s in result.report["sites"] if s["status"] == "applied"]
+            rows.append({"example": name, "applied": applied, "sites_claimed": sum(
+                bool(s["rule"]) for s in result.report["sites"]), **timings})
+            print(pair, json.dumps(timings["end_to_end"]), flush=True)
     if args.out:
-        write_json(args.out, {"benchmark": "examples", **run_info(), "rules": "kron", "rows": rows})
+        write_json(args.out, {"benchmark": "examples", **run_info(), "rules": sorted({p.split(":")[1] for p in args.pairs}),
+                              "layerwise_steps": args.layerwise_steps, "rows": rows})
         print(f"wrote {args.out}")
 
 
