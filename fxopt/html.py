@@ -73,8 +73,9 @@ def _graph_panes(left: tuple[str, dict, list], right: tuple[str, dict, list]) ->
     relabelled = {n for n, m in pairs.items() if ga.nodes[n]["label"] != gb.nodes[m]["label"]}
     changed_a = {n for n in ga if n not in pairs} | relabelled
     changed_b = {n for n in gb if n not in matched_b} | {pairs[n] for n in relabelled}
-    keep_a = changed_a | {n for n in ga if ga.nodes[n].get("site")}
-    keep_b = changed_b | {n for n in gb if gb.nodes[n].get("site")}
+    # applied sites and changed nodes stay visible; everything else may collapse into runs
+    keep_a = changed_a | {n for n in ga if ga.nodes[n].get("site") and ga.nodes[n]["status"] == "applied"}
+    keep_b = changed_b | {n for n in gb if gb.nodes[n].get("site") and gb.nodes[n]["status"] == "applied"}
     panes = []
     for (title, _, _), g, changed, keep, gid in ((left, ga, changed_a, keep_a, "graph-a"),
                                                (right, gb, changed_b, keep_b, "graph-b")):

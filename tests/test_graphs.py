@@ -47,3 +47,46 @@ def test_both_engines_draw_every_node_and_link_sites(engine):
     assert 'href="#site-0"' in out or "xlink:href=\"#site-0\"" in out
     for label in ("0: Linear", "1: ReLU", "2: Linear"):
         assert label in out
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = width * 4
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet50_shaped(width: int = 8) -> nn.Module:
+    """ResNet-50's topology ([3, 4, 6, 3] bottleneck blocks, 53 convolutions), narrow."""
+    layers, cin = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], width
+    for i, blocks in enumerate([3, 4, 6, 3]):
+        for b in range(blocks):
+            layers.append(Bottleneck(cin, width * 2 ** i, 2 if b == 0 and i else 1))
+            cin = width * 2 ** i * 4
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)).eval()
+
+
+def test_a_resnet50_report_stays_readable():
+    import fxopt
+    from fxopt.html import report_page
+    from fxopt.rules import parse
+
+    torch.manual_seed(0)
+    rules = parse("version: 1\nrules:\n  - substitute: kron\n    match: {op: conv2d, name: '15.*'}\n"
+                  "    params: {rank: full, max_flops_ratio: null}\n")
+    result = fxopt.optimize(resnet50_shaped(), (torch.randn(1, 3, 64, 64),), rules, time_sites=False)
+    applied = [s for s in result.report["sites"] if s["status"] == "applied"]
+    assert len(result.report["sites"]) == 54 and len(applied) == 3  # the last block's three convs
+    page = report_page(result.report)
+    nodes = len(result.report["graphs"]["original"]["nodes"])
+    drawn = page.count('class="node ') // 2  # per graph
+    assert nodes > 150 and drawn < nodes / 2, (nodes, drawn)  # 189 nodes → 79 boxes
+    assert page.count('href="#site-15.body.') >= 3  # the rewritten sites are drawn and linked
