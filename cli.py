@@ -109,6 +109,8 @@ def bench(
     min_run_time: float = typer.Option(0.2, "--min-run-time", min=0.001, help="seconds per timing"),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="also time both sides under torch.compile"),
     calib_batches: int = typer.Option(8, "--calib-batches", min=0, help="calibration batches used for validation"),
+    layerwise_steps: int = typer.Option(0, "--layerwise-steps", min=0, help="layer-wise training steps, as for optimize"),
+    distill_steps: int = typer.Option(0, "--distill-steps", min=0, help="distillation steps, as for optimize"),
 ) -> None:
     """Time the original model against the rewritten one, eager and compiled, end to end and per site."""
     from fxopt.bench import bench as run
@@ -120,8 +122,11 @@ def bench(
         raise OutputError(f"{out}: is a directory")
     ruleset = rules_mod.load(rules)
     spec = load_model_file(model)
+    from fxopt.layerwise import Layerwise
+
     timings = run(spec.model, spec.example_inputs, ruleset, compile=compile, rounds=rounds,
-                  min_run_time=min_run_time, calibration=calibration_batches(spec, calib_batches), source=str(model))
+                  min_run_time=min_run_time, calibration=calibration_batches(spec, calib_batches), source=str(model),
+                  layerwise=Layerwise(steps=layerwise_steps, distill_steps=distill_steps))
     print_bench(timings, console)
     if out is not None:
         write_json(out, timings)

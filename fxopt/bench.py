@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .layerwise import Layerwise
 from .pipeline import Result, optimize
 from .rules import RuleSet
 from .timing import time_variants
@@ -60,9 +61,10 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, *, compile: bool = True,
           rounds: int = 3, min_run_time: float = 0.2, calibration: Iterable[tuple] | None = None,
-          result: Result | None = None, source: str | None = None) -> dict[str, Any]:
+          result: Result | None = None, source: str | None = None, layerwise: Layerwise | None = None) -> dict[str, Any]:
     """Optimize `model` by `rules` (or take a given `result`) and time it against the original."""
-    result = result or optimize(model, example_inputs, rules, calibration=calibration, source=source)
+    result = result or optimize(model, example_inputs, rules, calibration=calibration, source=source,
+                                layerwise=layerwise)
     inputs = tuple(example_inputs)
     with eval_mode(model):
         t = time_variants(_variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
@@ -82,4 +84,5 @@ def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, 
         "end_to_end": e2e, "sites": sites,
         "accuracy": {k: result.report["end_to_end"][k] for k in ("max_abs", "rel_l2", "sqnr_db", "cosine", "top1_agreement")},
         "size": {k: result.report["end_to_end"][k] for k in ("params_before", "params_after", "flops_before", "flops_after")},
+        "training": result.report.get("training", {}),
     }

@@ -49,6 +49,15 @@ def test_cli_bench_writes_json(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary file left behind
 
 
+def test_cli_bench_trains_layerwise_when_asked(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(EXAMPLES / "cnn.py"), "--rules", "separable", "--no-compile",
+                                      "--rounds", "1", "--min-run-time", "0.001", "--layerwise-steps", "3",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text())["training"]["layerwise_steps"] == 3
+
+
 def test_cli_bench_bad_input_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "nope.py"), "--rules", "kron"])
     assert result.exit_code == 2 and result.stderr.strip() == f"fxopt: error: {tmp_path / 'nope.py'}: no such model file"
