@@ -92,7 +92,7 @@ def optimize(
                  layerwise=layerwise, time_sites=time_sites)
     result.save(out)
     print_summary(result.report, console)
-    console.print(f"wrote {out}/model.pt2, report.json, report.md")
+    console.print(f"wrote {out}/model.pt2, report.json, report.md, report.html")
     totals, e2e = result.report["totals"], result.report["end_to_end"]
     if strict and (totals["rolled_back"] or e2e["violations"]):
         problems = [f"{totals['rolled_back']} site(s) rolled back"] if totals["rolled_back"] else []
