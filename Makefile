@@ -30,4 +30,5 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/examples.py --pairs mlp:lowrank transformer:lowrank cnn:separable cnn:bottleneck \
 		--layerwise-steps 100 --out benchmarks/results/examples_efficient_cpu.json
 	$(BIN)/python benchmarks/layerwise_cnn.py --out benchmarks/results/layerwise_cnn_cpu.json
+	$(BIN)/python benchmarks/layerwise_cnn.py --seed 1 --out benchmarks/results/layerwise_cnn_seed1_cpu.json
 	$(BIN)/python benchmarks/render.py > BENCHMARKS.md

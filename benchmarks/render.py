@@ -87,7 +87,8 @@ def _example_rows(r: dict, raw: str, rules_column: bool = False) -> list[str]:
 def layerwise_cnn(r: dict) -> list[str]:
     st = r["settings"]
     lines = [
-        "## Layer-wise training of efficient convolutions (Zeng & Tian 2017, in small; CPU)", "", machine(r["run"]), "",
+        f"## Layer-wise training of efficient convolutions (Zeng & Tian 2017, in small; CPU; seed {st['seed']})", "",
+        machine(r["run"]), "",
         f"Each model is trained here ({st['train']} generated shape/texture images, 32×32, {st['epochs']} epochs,",
         f"seed {st['seed']}), then compressed by fxopt: every conv but the stem → `{st['substitute']}` "
         f"(reduction {st['reduction']:g}),",
@@ -109,7 +110,7 @@ def layerwise_cnn(r: dict) -> list[str]:
             f"{us['original']} | {us['original+compile']} | {us['fxopt']} | {us['fxopt+compile']} | "
             f"**{sp['best']}** · {sp['eager']} · {sp['compiled']} | {row['params'][0] / row['params'][1]:.1f} | "
             f"{row['conv_linear_flops'][0] / row['conv_linear_flops'][1]:.1f} | {applied} of {len(row['sites'])} |")
-    return lines + ["", "Raw numbers, per site: `benchmarks/results/layerwise_cnn_cpu.json`.", ""]
+    return lines + ["", f"Raw numbers, per site: `benchmarks/results/{r['file']}`.", ""]
 
 
 def main() -> None:
@@ -118,11 +119,13 @@ def main() -> None:
            "edit by hand. Every ratio compares variants measured side by side in one process, on the",
            "machine named with it. No GPU figures yet: no kernels have landed, and no GPU was available. Timings under the Triton",
            "interpreter are never quoted.", ""]
-    for name, fmt in (("kron_linear_cpu.json", kron_linear), ("examples_cpu.json", examples),
-                      ("examples_efficient_cpu.json", examples_efficient), ("layerwise_cnn_cpu.json", layerwise_cnn)):
+    files = [("kron_linear_cpu.json", kron_linear), ("examples_cpu.json", examples),
+             ("examples_efficient_cpu.json", examples_efficient)]
+    files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
+    for name, fmt in files:
         path = RESULTS / name
         if path.is_file():
-            out += fmt(json.loads(path.read_text()))
+            out += fmt(json.loads(path.read_text()) | {"file": name})
     print("\n".join(out))
 
 
