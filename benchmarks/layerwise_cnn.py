@@ -27,6 +27,7 @@ from common import run_info, time_variants  # noqa: E402
 from shapes import make_shapes  # noqa: E402
 
 import fxopt  # noqa: E402
+from fxopt.bench import speedups, variants  # noqa: E402
 from fxopt.layerwise import Layerwise  # noqa: E402
 from fxopt.rules import parse  # noqa: E402
 from fxopt.save import write_json  # noqa: E402
@@ -137,12 +138,7 @@ def run_model(name: str, args, data) -> dict:
     acc = accuracy(rewritten, xte, yte)
     print(f"{name}: compressed in {compress_s:.0f} s, test accuracy {acc:.2f}%", flush=True)
 
-    x = xte[:args.batch]
-    torch._dynamo.reset()
-    variants = {"original": model, "fxopt": rewritten,
-                "original+compile": torch.compile(model, dynamic=False),
-                "fxopt+compile": torch.compile(rewritten, dynamic=False)}
-    t = time_variants(variants, (x,), args.rounds, args.min_run_time)
+    t = time_variants(variants(model, rewritten, compiled=True), (xte[:args.batch],), args.rounds, args.min_run_time)
     e2e = result.report["end_to_end"]
     sites = [{k: s[k] for k in ("key", "status", "module_after", "params_before", "params_after", "flops_before",
                                  "flops_after", "reason")}
@@ -153,9 +149,7 @@ def run_model(name: str, args, data) -> dict:
         "model": name, "train_seconds": round(train_s, 1), "compress_seconds": round(compress_s, 1),
         "accuracy": {"original": base_acc, "fxopt": acc, "change": round(acc - base_acc, 2)},
         "us": {k: round(v * 1e6, 1) for k, v in t.items()},
-        "speedup": {"eager": round(t["original"] / t["fxopt"], 3),
-                    "compiled": round(t["original+compile"] / t["fxopt+compile"], 3),
-                    "best": round(min(t["original"], t["original+compile"]) / min(t["fxopt"], t["fxopt+compile"]), 3)},
+        "speedup": speedups(t, compiled=True),
         "params": [e2e["params_before"], e2e["params_after"]],
         "conv_linear_flops": [e2e["flops_before"], e2e["flops_after"]],
         "top1_agreement": e2e["top1_agreement"],

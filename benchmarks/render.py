@@ -72,8 +72,7 @@ def _example_rows(r: dict, raw: str, rules_column: bool = False) -> list[str]:
         "|---|" + ("---|---|" if rules_column else "") + "---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        e2e, us, sp, acc, size = row["end_to_end"], row["end_to_end"]["us"], row["end_to_end"]["speedup"], \
-            row["accuracy"], row["size"]
+        us, sp, acc, size = row["end_to_end"]["us"], row["end_to_end"]["speedup"], row["accuracy"], row["size"]
         top1 = "—" if acc["top1_agreement"] is None else f"{acc['top1_agreement']:.2f}"
         cells = f"| {row['rules']} | {len(row['applied'])} of {row['sites_claimed']} " if rules_column else ""
         lines.append(

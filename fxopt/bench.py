@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .gate import site_input
 from .layerwise import Layerwise
 from .pipeline import Result, optimize
 from .rules import RuleSet
@@ -38,7 +39,8 @@ def speedups(t: dict[str, float], compiled: bool) -> dict[str, float | None]:
     return out
 
 
-def _variants(original: nn.Module, rewritten: nn.Module, compiled: bool) -> dict[str, Any]:
+def variants(original: nn.Module, rewritten: nn.Module, compiled: bool) -> dict[str, Any]:
+    """original and fxopt callables, and (compiled) both under torch.compile, keyed as `speedups` reads them."""
     variants = {"original": original, "fxopt": rewritten}
     if compiled:
         torch._dynamo.reset()  # a clean cache: past its recompile limit Dynamo silently runs eager
@@ -67,13 +69,11 @@ def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, 
                                 layerwise=layerwise)
     inputs = tuple(example_inputs)
     with eval_mode(model):
-        t = time_variants(_variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
+        t = time_variants(variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
     e2e = {"us": {k: round(v * 1e6, 2) for k, v in t.items()}, "speedup": speedups(t, compile)}
     sites = []
     for site, substitute in result.substitutes:
-        w = site.module.weight
-        x = torch.randn(site.in_shape, dtype=site.input.meta["tensor_meta"].dtype, device=w.device)
-        ts = time_variants(_variants(site.module, substitute, compile), (x,), rounds, min_run_time)
+        ts = time_variants(variants(site.module, substitute, compile), (site_input(site),), rounds, min_run_time)
         sites.append({"name": site.key, "substitute": type(substitute).__name__, "input_shape": list(site.in_shape),
                       "us": {k: round(v * 1e6, 2) for k, v in ts.items()}, "speedup": speedups(ts, compile)})
     device = inputs[0].device if inputs else torch.device("cpu")

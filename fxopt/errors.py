@@ -34,3 +34,9 @@ class OutputError(FxoptError):
 
 class StrictFailure(FxoptError):
     """`--strict` was given and a site was rolled back or end-to-end tolerance was violated."""
+
+
+def first_line(exc: BaseException) -> str:
+    """'TypeName: first line of the message': enough to name a failure on one line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()

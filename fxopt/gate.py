@@ -18,13 +18,17 @@ from .match import Site
 from .timing import time_variants
 
 
+def site_input(site: Site) -> torch.Tensor:
+    """A random input of the site's recorded shape and dtype, on its layer's device (for timing)."""
+    return torch.randn(site.in_shape, dtype=site.input.meta["tensor_meta"].dtype, device=site.module.weight.device)
+
+
 def site_latency(site: Site, module: nn.Module, rounds: int = 3, min_run_time: float = 0.02) -> dict[str, Any]:
     """{"original_us", "substitute_us", "speedup"} of one site (speedup = original / substitute)."""
-    w = site.module.weight
-    x = torch.randn(site.in_shape, dtype=site.input.meta["tensor_meta"].dtype, device=w.device)
+    x = site_input(site)
     t = time_variants({"original": site.module, "substitute": module}, (x,), rounds, min_run_time)
     return {"original_us": round(t["original"] * 1e6, 2), "substitute_us": round(t["substitute"] * 1e6, 2),
-            "speedup": round(t["original"] / t["substitute"], 3), "device": str(w.device)}
+            "speedup": round(t["original"] / t["substitute"], 3), "device": str(x.device)}
 
 
 def verdict(latency: dict[str, Any], require_speedup: float | None) -> str | None:

@@ -92,7 +92,7 @@ def _scatter(sites: list[dict]) -> str:
            and s["params_after"]]
     w, h, pad = 440, 220, 36
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="plot-error" width="{w}" height="{h}">',
-             f'<text x="4" y="14" font-size="12">per-site SQNR (dB) against compression (params ÷, log scale)</text>']
+             '<text x="4" y="14" font-size="12">per-site SQNR (dB) against compression (params ÷, log scale)</text>']
     if not pts:
         parts.append(f'<text x="{pad}" y="{h / 2}" font-size="12">no applied site with a finite error</text></svg>')
         return "".join(parts)
@@ -121,8 +121,8 @@ def _time_bars(sites: list[dict]) -> str:
     w, row_h, pad, label_w = 500, 18, 20, 110
     h = pad * 2 + max(len(rows), 1) * row_h * 2 + 10
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="plot-time" width="{w}" height="{h}">',
-             f'<text x="4" y="14" font-size="12">where the time goes: µs per timed site, original layer (grey), '
-             f'substitute (orange)</text>']
+             '<text x="4" y="14" font-size="12">where the time goes: µs per timed site, original layer (grey), '
+             'substitute (orange)</text>']
     if not rows:
         parts.append(f'<text x="4" y="{pad + 20}" font-size="12">no site was timed (--no-time-sites)</text></svg>')
         return "".join(parts)
@@ -145,14 +145,14 @@ def _site_table(sites: list[dict]) -> str:
     rows = []
     for s in sites:
         err, init, lat = s.get("error") or {}, s.get("error_init") or {}, s.get("latency")
-        cells = [s["key"], f"{s['op']} ({s['form']})", s["rule"] or "—", s["substitute"] or "—",
-                 f'<span class="{s["status"]}">{s["status"]}</span>',
-                 f"{fmt(s['params_before'])} → {fmt(s['params_after'])}",
+        text = [s["key"], f"{s['op']} ({s['form']})", s["rule"] or "—", s["substitute"] or "—"]
+        text2 = [f"{fmt(s['params_before'])} → {fmt(s['params_after'])}",
                  f"{fmt(s['flops_before'])} → {fmt(s['flops_after'])}", fmt(s.get("reconstruction_error")),
                  fmt(init.get("sqnr_db")), fmt(err.get("sqnr_db")), fmt(err.get("rel_l2")), fmt(err.get("cosine")),
                  f"{lat['original_us']:.1f} → {lat['substitute_us']:.1f}" if lat else "—",
-                 f"{lat['speedup']:.2f}×" if lat else "—", html.escape(s.get("reason") or "")]
-        cells = [c if i == 4 else html.escape(str(c)) if i != 14 else c for i, c in enumerate(cells)]
+                 f"{lat['speedup']:.2f}×" if lat else "—", s.get("reason") or ""]
+        status = f'<span class="{s["status"]}">{s["status"]}</span>'  # the one cell that is markup
+        cells = [html.escape(c) for c in text] + [status] + [html.escape(c) for c in text2]
         rows.append(f'<tr id="site-{html.escape(s["key"])}" data-site="{html.escape(s["key"])}">'
                     + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ('<table id="sites"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"

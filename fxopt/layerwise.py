@@ -34,7 +34,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .match import Site
-from .validate import Recorder
+from .validate import Recorder, eval_mode
 
 LOSSES = ("mse", "cosine")
 
@@ -130,13 +130,10 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.distill_steps)
     window = min(len(batches), config.distill_steps)
     losses = []
-    was_training = original.training, rewritten.training
-    original.eval()
-    rewritten.eval()
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with _training(substitutes):
+        with eval_mode(original), eval_mode(rewritten), _training(substitutes):
             for step in range(config.distill_steps):
                 batch = batches[step % len(batches)]
                 with torch.no_grad():
@@ -151,8 +148,6 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        original.train(was_training[0])
-        rewritten.train(was_training[1])
     return {"steps": len(losses), "loss_before": _mean(losses[:window]), "loss_after": _mean(losses[-window:])}
 
 

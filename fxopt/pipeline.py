@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from . import rules as rules_mod
 from . import substitutes
-from .errors import FxoptError
+from .errors import FxoptError, first_line
 from .flops import dense_flops, flops, param_count
 from .gate import site_latency, verdict
 from .graphs import summarize
@@ -79,6 +79,11 @@ class SiteRecord:
     layerwise: dict[str, Any] | None = None  # steps, loss, loss_before, loss_after
     require_speedup: float | None = None
     latency: dict[str, Any] | None = None  # original_us, substitute_us, speedup, device
+
+    def keep_original(self, status: str, reason: str) -> None:
+        """The site keeps its original layer (rolled back or gated): the 'after' figures are the 'before' ones."""
+        self.status, self.reason = status, reason
+        self.module_after, self.params_after, self.flops_after = "unchanged", self.params_before, self.flops_before
 
 
 @dataclass
@@ -224,8 +229,7 @@ def gate_sites(accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRe
         rec.latency = site_latency(site, module)
         reason = verdict(rec.latency, rec.require_speedup)
         if reason:
-            rec.status, rec.reason = "gated", reason
-            rec.module_after, rec.params_after, rec.flops_after = "unchanged", rec.params_before, rec.flops_before
+            rec.keep_original("gated", reason)
         else:
             kept.append((site, module))
     return kept
@@ -258,9 +262,8 @@ def validate_sites(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]],
         failed = rec.error.pop("failed", None)
         violations = [failed] if failed else _violations(rec)
         if violations:
-            rec.status, rec.violations = "rolled_back", violations
-            rec.reason = failed or "tolerance violated: " + "; ".join(violations)
-            rec.module_after, rec.params_after, rec.flops_after = "unchanged", rec.params_before, rec.flops_before
+            rec.violations = violations
+            rec.keep_original("rolled_back", failed or "tolerance violated: " + "; ".join(violations))
         else:
             rec.status = "applied"
             accepted.append((site, module))
@@ -278,8 +281,7 @@ def export(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedPr
     try:
         return export_program(gm, example_inputs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FxoptError(f"cannot export the rewritten model: {type(exc).__name__}: {first}") from None
+        raise FxoptError(f"cannot export the rewritten model: {first_line(exc)}") from None
 
 
 __all__ = ["optimize", "Result", "SiteRecord"]

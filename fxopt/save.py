@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import OutputError
+from .errors import OutputError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "fxopt-result"
@@ -156,7 +156,7 @@ def load_report(path: str | Path) -> dict:
         try:
             program = torch.export.load(path)
         except Exception as exc:
-            raise OutputError(f"{path}: cannot load: {type(exc).__name__}: {exc}") from None
+            raise OutputError(f"{path}: cannot load: {first_line(exc)}") from None
         g = summarize(program.graph_module)
         n = sum(p.numel() for p in program.graph_module.parameters())
         return {"model": str(path), "rules": "—", "sites": [], "graphs": {"original": g, "rewritten": g},

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .errors import ModelFileError, TraceFailure
+from .errors import ModelFileError, TraceFailure, first_line
 
 
 @dataclass
@@ -95,21 +95,21 @@ def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") ->
         with torch.no_grad():
             model(*example_inputs)
     except Exception as exc:
-        raise TraceFailure(f"{source}: the model fails on its example inputs: {_where(exc)}{_first_line(exc)}") from None
+        raise TraceFailure(f"{source}: the model fails on its example inputs: {_where(exc)}{first_line(exc)}") from None
     with _quiet():  # torch logs graphs and warnings while it tries; our error says what matters
         try:
             gm = fx.symbolic_trace(model)
             _propagate_shapes(gm, example_inputs)
             return Traced(gm, "symbolic_trace", None)
         except Exception as exc:  # any failure of the fast path sends us to torch.export
-            first = f"{_where(exc)}{_first_line(exc)}"
+            first = f"{_where(exc)}{first_line(exc)}"
         try:
             # a fresh copy: a failed symbolic_trace can leave state behind in the module
             gm = export_program(copy.deepcopy(model), example_inputs).module()
             _propagate_shapes(gm, example_inputs)
             return Traced(gm, "export", first)
         except Exception as exc:
-            second = f"{_where(exc)}{_first_line(exc)}"
+            second = f"{_where(exc)}{first_line(exc)}"
     raise TraceFailure(f"cannot trace {source} ({type(model).__name__}): "
                        f"symbolic_trace: {first}; torch.export: {second}")
 
@@ -168,11 +168,6 @@ def _where(exc: BaseException, prefer: Path | None = None) -> str:
     return f"{Path(f.filename).name}:{f.lineno} in {f.name}{code}: "
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
-
 def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of ({', '.join(type(v).__name__ for v in value)})"
@@ -210,8 +205,7 @@ def load_calibration_file(path: str | Path, batch_size: int, limit: int | None =
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelFileError(f"{path}: cannot read calibration data ({type(exc).__name__}: {first})") from None
+        raise ModelFileError(f"{path}: cannot read calibration data ({first_line(exc)})") from None
     if isinstance(data, torch.Tensor):
         data = list(torch.split(data, max(batch_size, 1))) if data.dim() else None
     if not isinstance(data, (list, tuple)) or not data:
