@@ -26,3 +26,10 @@ def flops(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> int
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers as stored (a packed binary layer: its int32
+    words, scales and bias)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -34,6 +34,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .match import Site
+from .substitutes import constrain_
 from .validate import Recorder, eval_mode
 
 LOSSES = ("mse", "cosine")
@@ -105,6 +106,7 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
                 optims[site.key].zero_grad(set_to_none=True)
                 loss.backward()
                 optims[site.key].step()
+                constrain_([module])
                 scheds[site.key].step()
                 losses[site.key].append(loss.item())
                 advance(site.key)
@@ -143,6 +145,7 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                constrain_(substitutes)
                 sched.step()
                 losses.append(loss.item())
     finally:

@@ -1,7 +1,7 @@
 """`optimize()`: the whole pipeline, one named stage per line.
 
     trace → match → build → layerwise → validate → gate → substitute → cleanup → distill
-          → export → end_to_end
+          → freeze → export → end_to_end
 
 * trace:      model → GraphModule with shapes (symbolic_trace, else torch.export)
 * match:      every linear/conv site, and the rule (if any) that claims it
@@ -16,6 +16,8 @@
 * cleanup:    dead nodes and unused parameters go (pass)
 * distill:    (optional) the substitutes trained inside the rewritten model against the
               original model's outputs
+* freeze:     substitutes with a separate inference form switch to it (binary: latent weights →
+              1-bit packed words); validation and the gate already measured that form
 * export:     the rewritten graph as a torch.export program: what is saved and what `load` returns
 * end_to_end: the exported program against the user's original model
 
@@ -38,12 +40,12 @@ from torch import fx, nn
 from . import rules as rules_mod
 from . import substitutes
 from .errors import FxoptError, first_line
-from .flops import dense_flops, flops, param_count
+from .flops import dense_flops, flops, param_count, storage_bytes
 from .gate import site_latency, verdict
 from .graphs import summarize
 from .layerwise import Layerwise, distill, train_sites
 from .match import Decision, Site, choose_rules, find_sites
-from .passes import cleanup, substitute
+from .passes import cleanup, freeze, substitute
 from .report import build_report
 from .trace import export_program, trace
 from .validate import end_to_end, site_errors
@@ -79,11 +81,14 @@ class SiteRecord:
     layerwise: dict[str, Any] | None = None  # steps, loss, loss_before, loss_after
     require_speedup: float | None = None
     latency: dict[str, Any] | None = None  # original_us, substitute_us, speedup, device
+    bytes_before: int = 0  # parameters and buffers as stored
+    bytes_after: int = 0
 
     def keep_original(self, status: str, reason: str) -> None:
         """The site keeps its original layer (rolled back or gated): the 'after' figures are the 'before' ones."""
         self.status, self.reason = status, reason
         self.module_after, self.params_after, self.flops_after = "unchanged", self.params_before, self.flops_before
+        self.bytes_after = self.bytes_before
 
 
 @dataclass
@@ -160,6 +165,10 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     if layerwise.distill_steps and accepted:
         with stage("distill"):
             distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise)
+    params_after = param_count(gm)  # before freeze: a packed weight is still one weight
+    with stage("freeze"):
+        gm, frozen = freeze(gm, placed)
+        accepted = [(site, frozen.get(site.key, module)) for site, module in accepted]
     with stage("export"):
         program = export(gm, tuple(example_inputs))
     with stage("end_to_end"):
@@ -167,7 +176,8 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
 
     report = build_report(
         records=list(records.values()), e2e=e2e, ruleset=ruleset, traced=traced,
-        params=(param_count(model), param_count(gm)), stages=stage.timings,
+        params=(param_count(model), params_after), stages=stage.timings,
+        storage=(storage_bytes(model), storage_bytes(gm)),
         batches=len(batches), source=source, graphs={"original": before, "rewritten": after},
         training={"layerwise_steps": layerwise.steps, "lr": layerwise.lr, "loss": layerwise.loss,
                   "batches": len(calib or batches) if layerwise.steps or layerwise.distill_steps else 0,
@@ -194,6 +204,7 @@ def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[
         rec.build_seconds = round(time.perf_counter() - start, 4)
         rec.module_after = repr(module).replace("\n", " ")
         rec.params_after = param_count(module)
+        rec.bytes_after = storage_bytes(substitutes.deployable(module))
         rec.flops_after = flops(module, d.site.in_shape, d.site.out_shape)
         rec.reconstruction_error = getattr(module, "reconstruction_error", None)
         candidates.append((d.site, module))
@@ -226,7 +237,7 @@ def gate_sites(accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRe
         if rec.require_speedup is None and not time_all:
             kept.append((site, module))
             continue
-        rec.latency = site_latency(site, module)
+        rec.latency = site_latency(site, substitutes.deployable(module))
         reason = verdict(rec.latency, rec.require_speedup)
         if reason:
             rec.keep_original("gated", reason)
@@ -246,6 +257,7 @@ def _record(d: Decision) -> SiteRecord:
         module_before=repr(site.module).replace("\n", " ") if site.form == "module" else f"{site.form} {site.op}",
         module_after="unchanged", params_before=before, params_after=before,
         flops_before=dense, flops_after=dense,
+        bytes_before=storage_bytes(site.module), bytes_after=storage_bytes(site.module),
         tolerance=rule.tolerance.as_dict() if rule else {},
         require_speedup=rule.require_speedup if rule else None,
     )

@@ -27,7 +27,7 @@ ERROR_KEYS = ("max_abs", "rel_l2", "sqnr_db", "cosine")
 STATUSES = ("applied", "rolled_back", "gated", "skipped")
 
 
-def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source,
+def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source, storage=(0, 0),
                  training: dict[str, Any] | None = None, graphs: dict[str, Any] | None = None) -> dict[str, Any]:
     from . import __version__
 
@@ -43,6 +43,7 @@ def build_report(*, records, e2e, ruleset, traced, params, stages, batches, sour
         **{k: e2e.get(k) for k in ERROR_KEYS},
         "top1_agreement": e2e.get("top1_agreement"),
         "params_before": params[0], "params_after": params[1],
+        "bytes_before": storage[0], "bytes_after": storage[1],
         "flops_before": flops_before, "flops_after": flops_after,
         "tolerance": ruleset.end_to_end.as_dict(), "violations": violations,
     }
@@ -107,6 +108,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|",
         *(f"| {k} | {fmt(e[k])} |" for k in (*ERROR_KEYS, "top1_agreement")),
         f"| params | {fmt(e['params_before'])} → {fmt(e['params_after'])} ({change(e['params_before'], e['params_after'], 'smaller', 'larger')}) |",
+        f"| weights and buffers (bytes) | {fmt(e.get('bytes_before'))} → {fmt(e.get('bytes_after'))} "
+        f"({change(e.get('bytes_before'), e.get('bytes_after'), 'smaller', 'larger')}) |",
         f"| linear/conv FLOPs | {fmt(e['flops_before'])} → {fmt(e['flops_after'])} ({change(e['flops_before'], e['flops_after'], 'fewer', 'more')}) |",
         f"| tolerance | {e['tolerance'] or '—'} |",
         f"| violations | {'; '.join(e['violations']) or 'none'} |",
@@ -189,6 +192,7 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     top1 = f" · top-1 agreement {e['top1_agreement']:.3f}" if e["top1_agreement"] is not None else ""
     console.print(f"end to end: sqnr {fmt(e['sqnr_db'], 3)} dB · cosine {fmt(e['cosine'], 5)} · "
                   f"max abs {fmt(e['max_abs'], 3)}{top1} · params {change(e['params_before'], e['params_after'], 'smaller', 'larger')}"
+                  f" · bytes {change(e.get('bytes_before'), e.get('bytes_after'), 'smaller', 'larger')}"
                   f" · linear/conv FLOPs {change(e['flops_before'], e['flops_after'], 'fewer', 'more')}")
     for v in e["violations"]:
         console.print(f"[red]end-to-end tolerance violated: {v}[/]")

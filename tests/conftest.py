@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter; it must be on before any kernel is defined
+# (before fxopt is imported). With a GPU the kernels compile for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -47,3 +47,17 @@ def test_layerwise_experiment_runs_end_to_end(tmp_path):
     (row,) = json.loads(out.read_text())["results"]
     assert set(row["speedup"]) == {"eager", "compiled", "best"} and row["params"][1] <= row["params"][0]
     assert all(s["status"] in ("applied", "gated", "rolled_back") for s in row["sites"])
+
+
+@pytest.mark.slow
+def test_binary_digits_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "binary_digits.py"), "--out", str(out),
+                    "--seeds", "0", "--epochs", "2"], check=True, capture_output=True, cwd=tmp_path)
+    r = json.loads(out.read_text())
+    assert {(x["model"], x["way"]) for x in r["runs"]} == {(m, w) for m in ("mlp", "cnn")
+                                                          for w in ("fp32", "binary", "binary+qbp")}
+    for x in r["runs"]:
+        assert x["test_accuracy"] > 50  # two epochs already learn the digits
+        if x["way"] != "fp32":
+            assert x["bytes"] < x["bytes_training_form"] / 10  # packed: 1 bit per weight

@@ -114,11 +114,11 @@ def test_report_keys_are_stable():
     r = result.report
     assert {"schema", "sites", "end_to_end", "totals", "stages", "trace", "rules", "model"} <= set(r)
     assert {"name", "rule", "substitute", "status", "params_before", "params_after", "flops_before",
-            "flops_after", "error"} <= set(r["sites"][0])
+            "flops_after", "error", "bytes_before", "bytes_after"} <= set(r["sites"][0])
     assert {"max_abs", "rel_l2", "sqnr_db", "cosine", "top1_agreement", "params_before", "params_after",
-            "flops_before", "flops_after"} <= set(r["end_to_end"])
+            "flops_before", "flops_after", "bytes_before", "bytes_after"} <= set(r["end_to_end"])
     assert [s["name"] for s in r["stages"]] == ["trace", "match", "build", "validate", "gate", "substitute",
-                                                 "cleanup", "export", "end_to_end"]
+                                                 "cleanup", "freeze", "export", "end_to_end"]
     assert r["end_to_end"]["top1_agreement"] is None  # (B, T, D) output is not a classifier
     assert {s["key"]: s["form"] for s in r["sites"]}["qkv_weight"] == "matmul"
 

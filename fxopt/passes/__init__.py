@@ -2,6 +2,7 @@
 `graph.lint()` and `recompile()` (DESIGN principle 5)."""
 
 from .cleanup import cleanup
+from .freeze import freeze
 from .substitute import substitute
 
-__all__ = ["substitute", "cleanup"]
+__all__ = ["substitute", "cleanup", "freeze"]

@@ -109,6 +109,21 @@ def float_above(low: float) -> Callable[[Any], float]:
     return parse
 
 
+def deployable(module: nn.Module) -> nn.Module:
+    """The form of a substitute that is saved and run: `module.deployable()` where a technique has
+    a separate inference form (binary: packed bits), else the module itself."""
+    return module.deployable() if hasattr(module, "deployable") else module
+
+
+def constrain_(modules) -> None:
+    """After an optimizer step: let every submodule that keeps a constraint restore it (binary
+    clips its latent weights to [−1, 1])."""
+    for m in modules:
+        for sub in m.modules():
+            if hasattr(sub, "constrain_"):
+                sub.constrain_()
+
+
 def conv_guard(conv: nn.Module, technique: str) -> None:
     """Decline convolutions the conv substitutes do not rebuild: grouped, or not zero-padded."""
     if getattr(conv, "groups", 1) != 1:
@@ -127,3 +142,4 @@ from . import kron  # noqa: E402,F401
 from . import lowrank  # noqa: E402,F401
 from . import separable  # noqa: E402,F401
 from . import bottleneck  # noqa: E402,F401
+from . import binary  # noqa: E402,F401

@@ -1,0 +1,234 @@
+"""1-bit weight matmul: y = act((x · Wᵀ) ⊙ α + b) with W ∈ {−1, +1} (or {−1, 0, +1}) packed 32 per int32.
+
+The op `fxopt::binary_linear` is what a packed binary layer (`fxopt.substitutes.binary`) calls and
+what its saved model holds. The registry (`codegen.registry`) picks the implementation:
+
+* torch reference: unpack W to the activation dtype, one GEMM, scale, bias, activation;
+* Triton: the weights stay packed in global memory (1/16 of the bytes of bf16) and are unpacked in
+  registers, tile by tile; scale, bias and the activation run in the kernel's epilogue.
+  - GEMV path (batch ≤ 16, the memory-bound case): one program per (block of outputs, input row);
+    each program streams its packed rows once along K, so the weight bytes read are N·K/8 per row
+    of the batch, the re-reads served from L2.
+  - GEMM path (larger batches): tiled `tl.dot` with the unpacked ±1 tile as the right operand,
+    grouped launch order for L2 reuse, autotuned tile sizes.
+
+Weight layout (fxopt.bits): `signs` (N, ⌈K/32⌉) int32, bit j of word w of row n = sign of W[n, 32w+j]
+(1 → +1); `mask` (same shape, ternary only) = W[n, 32w+j] ≠ 0. fp32 activations use IEEE fp32 dot
+products (not TF32), so the kernel matches the reference to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fxopt.bits import unpack_mask, unpack_signs, words_for
+
+from .registry import HAVE_TRITON, interpreted, wants_triton
+
+ACTIVATIONS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "gelu": F.gelu,  # exact (erf) form
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+GEMV_MAX_ROWS = 16
+
+
+def binary_linear_reference(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                            mask: Optional[torch.Tensor], in_features: int, activation: str) -> torch.Tensor:
+    """Plain torch: the oracle every implementation is tested against."""
+    w = unpack_signs(signs, in_features, x.dtype)
+    if mask is not None:
+        w = w * unpack_mask(mask, in_features, x.dtype)
+    y = F.linear(x, w) * scale.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return ACTIVATIONS[activation](y)
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _unpack_tile(ptr, offs_n, word0, N, KW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K) bits {0, 1} of rows offs_n, columns 32·word0 … 32·word0 + BLOCK_K."""
+        WPB: tl.constexpr = BLOCK_K // 32  # int32 words per row of the tile
+        offs_w = word0 + tl.arange(0, WPB)
+        words = tl.load(ptr + offs_n[:, None] * KW + offs_w[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
+        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # (BLOCK_N, WPB, 32)
+        return tl.reshape(bits, (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _weight_tile(s_ptr, m_ptr, offs_n, word0, N, KW, dtype: tl.constexpr,
+                     TERNARY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The ±1 (or −1/0/+1) weight tile in `dtype`; columns past K come out −1 but meet x = 0."""
+        w = (_unpack_tile(s_ptr, offs_n, word0, N, KW, BLOCK_N, BLOCK_K) * 2 - 1).to(dtype)
+        if TERNARY:
+            w = w * _unpack_tile(m_ptr, offs_n, word0, N, KW, BLOCK_N, BLOCK_K).to(dtype)
+        return w
+
+    @triton.jit
+    def _epilogue(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+        """Per-output-channel scale, bias, activation, in fp32."""
+        acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if ACTIVATION == "relu":
+            acc = tl.maximum(acc, 0.0)
+        elif ACTIVATION == "gelu":
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACTIVATION == "silu":
+            acc = acc * tl.sigmoid(acc)
+        elif ACTIVATION == "sigmoid":
+            acc = tl.sigmoid(acc)
+        elif ACTIVATION == "tanh":
+            acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, s_ptr, m_ptr, scale_ptr, bias_ptr, y_ptr,
+        N, K, KW,                      # outputs, inputs, int32 words per weight row
+        stride_xm, stride_ym,          # row strides (columns are contiguous)
+        HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, ACTIVATION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # grid: (⌈N / BLOCK_N⌉, rows); program (i, m) computes y[m, i·BLOCK_N : (i+1)·BLOCK_N]
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            w = _weight_tile(s_ptr, m_ptr, offs_n, k0 // 32, N, KW, tl.float32, TERNARY, BLOCK_N, BLOCK_K)
+            acc += tl.sum(w * x[None, :], axis=1)  # sign flips and adds: no weight multiplies to speak of
+        acc = _epilogue(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS, ACTIVATION)
+        tl.store(y_ptr + row * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, s_ptr, m_ptr, scale_ptr, bias_ptr, y_ptr,
+        M, N, K, KW,
+        stride_xm, stride_ym,
+        HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # grouped ordering: GROUP_M row-blocks share each column-block while it is in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            w = _weight_tile(s_ptr, m_ptr, offs_n, k0 // 32, N, KW, x.dtype, TERNARY, BLOCK_N, BLOCK_K)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = _epilogue(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS, ACTIVATION)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                     for n in (16, 32, 64) for k in (256, 512, 1024) for w in (4, 8)]
+    _GEMM_CONFIGS = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in [
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4),
+        ]
+    ]
+    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"])(_gemv_kernel)
+    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K"])(_gemm_kernel)
+    # The interpreter cannot time configs: it runs one small fixed tile (masked tails included).
+    _GEMV_INTERPRETED = {"BLOCK_N": 16, "BLOCK_K": 64}
+    _GEMM_INTERPRETED = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
+
+
+def binary_linear_triton(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                         mask: Optional[torch.Tensor], in_features: int, activation: str) -> torch.Tensor:
+    """Launcher: check → allocate → launch (GEMV for ≤ 16 rows, GEMM above)."""
+    n, kw = signs.shape
+    k = in_features
+    if x.shape[-1] != k or kw != words_for(k) or scale.shape != (n,):
+        raise ValueError(f"binary_linear: x {tuple(x.shape)}, signs {tuple(signs.shape)}, scale {tuple(scale.shape)} "
+                         f"do not fit in_features={k}")
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    signs, scale = signs.contiguous(), scale.contiguous()
+    mask_t = signs if mask is None else mask.contiguous()  # never read when not ternary
+    bias_t = scale if bias is None else bias.contiguous()  # never read without bias
+    flags = {"HAS_BIAS": bias is not None, "TERNARY": mask is not None, "ACTIVATION": activation}
+    args = (x2, signs, mask_t, scale, bias_t, y)
+    if m <= GEMV_MAX_ROWS:
+        if interpreted():
+            grid = (triton.cdiv(n, _GEMV_INTERPRETED["BLOCK_N"]), m)
+            _gemv_kernel[grid](*args, n, k, kw, x2.stride(0), y.stride(0), **flags, **_GEMV_INTERPRETED)
+        else:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+            _gemv_tuned[grid](*args, n, k, kw, x2.stride(0), y.stride(0), **flags)
+    else:
+        flags["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+        if interpreted():
+            c = _GEMM_INTERPRETED
+            grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+            _gemm_kernel[grid](*args, m, n, k, kw, x2.stride(0), y.stride(0), **flags, **c)
+        else:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            _gemm_tuned[grid](*args, m, n, k, kw, x2.stride(0), y.stride(0), **flags)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("fxopt::binary_linear", mutates_args=())
+def binary_linear(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                  mask: Optional[torch.Tensor], in_features: int, activation: str) -> torch.Tensor:
+    """act((x · Wᵀ) ⊙ scale + bias), W unpacked from `signs` (and `mask`); see the module docstring."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"binary_linear: unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
+    if wants_triton(x):
+        return binary_linear_triton(x, signs, scale, bias, mask, in_features, activation)
+    return binary_linear_reference(x, signs, scale, bias, mask, in_features, activation)
+
+
+@binary_linear.register_fake
+def _(x, signs, scale, bias, mask, in_features, activation):
+    return x.new_empty((*x.shape[:-1], signs.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, signs, scale, bias, mask, in_features, activation = inputs
+    ctx.save_for_backward(x, signs, scale, bias, mask)
+    ctx.in_features, ctx.activation = in_features, activation
+
+
+def _backward(ctx, grad):
+    """Gradient for x only (the packed weights are constants): dx = (dy ⊙ act'(z)) · (α ⊙ W)."""
+    x, signs, scale, bias, mask = ctx.saved_tensors
+    if ctx.activation != "none":
+        with torch.enable_grad():
+            z = binary_linear(x.detach(), signs, scale, bias, mask, ctx.in_features, "none").requires_grad_()
+            (grad,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](z), z, grad)
+    w = unpack_signs(signs, ctx.in_features, grad.dtype)
+    if mask is not None:
+        w = w * unpack_mask(mask, ctx.in_features, grad.dtype)
+    return (grad.contiguous() * scale.to(grad.dtype)) @ w, None, None, None, None, None, None
+
+
+binary_linear.register_autograd(_backward, setup_context=_setup)

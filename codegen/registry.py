@@ -1,0 +1,70 @@
+"""The one place that decides whether a kernel runs as Triton or as its torch reference.
+
+    backend = auto | torch | triton
+
+* `auto` (default): Triton for CUDA tensors when Triton is installed, the torch reference
+  everywhere else (CPU tensors, no Triton).
+* `torch`: always the reference.
+* `triton`: always Triton; on a machine without a GPU this needs `TRITON_INTERPRET=1` set before
+  the kernels are imported (the tests do that), and runs the kernels on CPU tensors, slowly.
+
+Set it with the environment variable `FXOPT_BACKEND` or, in Python, `use_backend("torch")` (a
+context manager). Kernels ask `wants_triton(tensor)` and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+try:  # Triton is a Linux-only dependency; without it every kernel runs its torch reference
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAVE_TRITON = False
+
+_override: list[str] = []
+
+
+def backend() -> str:
+    """The backend in force: the innermost `use_backend`, else $FXOPT_BACKEND, else auto."""
+    name = _override[-1] if _override else os.environ.get("FXOPT_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"FXOPT_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def interpreted() -> bool:
+    """Triton kernels run in the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def wants_triton(x: torch.Tensor) -> bool:
+    """Should a kernel taking `x` run its Triton implementation?"""
+    name = backend()
+    if name == "torch":
+        return False
+    if name == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError("FXOPT_BACKEND=triton but triton is not installed")
+        if not x.is_cuda and not interpreted():
+            raise RuntimeError("FXOPT_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1")
+        return True
+    return HAVE_TRITON and x.is_cuda

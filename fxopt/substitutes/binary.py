@@ -1,0 +1,420 @@
+"""Binarized and ternarized layers (Lin, Courbariaux, Memisevic & Bengio, "Neural Networks with Few
+Multiplications", arXiv 1510.03009), the `binary` substitute.
+
+Inference form: W ≈ α ⊙ sign(W), one α per output channel. For a fixed sign pattern the
+least-squares α is mean |W| of the channel (‖W − α·s‖² is a parabola in α with its minimum there), so
+`from_original` starts from the optimum. `ternary` mode keeps only the weights above a threshold
+Δ = threshold · mean|W| (values {−α, 0, +α}; α = mean |W| over the kept ones, again the
+least-squares optimum for that support). Multiplications by weights become sign changes; what is
+left is one multiply per output (α).
+
+Training form (`BinaryLinear`, `BinaryConv1d`, `BinaryConv2d`): real-valued latent weights in
+[−1, 1] (`constrain_()` clips them after each optimizer step, as BinaryConnect does); the forward
+pass binarizes them
+
+    deterministic:  w_b = sign(w)                        (sign(0) = +1)
+    stochastic:     w_b = +1 with probability hard_sigmoid(w) = clip((w + 1)/2, 0, 1), else −1
+    ternary:        sign(w)·[|w| > Δ]  (deterministic),  sign(w) with probability |w|, else 0 (stochastic)
+
+and the backward pass is the straight-through estimator, ∂L/∂w = ∂L/∂w_b. With `backprop_bits`
+set, the weight gradient uses the layer input quantized to powers of two (the paper's "quantized
+back propagation"): ΔW = δ · Q(x)ᵀ with Q(x) = sign(x)·2^round(log₂|x|), exponents limited to the
+2^bits values counting down from the largest element's (smaller magnitudes round to 0), so the
+remaining multiplications are shifts. The input gradient δ·(α⊙W_b) already involves only sign
+changes. In eval mode the forward is deterministic whatever `stochastic` says.
+
+`packed()` turns a trained layer into its deployable form, `PackedBinaryLinear` / `PackedBinaryConv`:
+signs packed 32 per int32 (fxopt.bits; ternary adds a mask plane), α and bias kept in the original
+dtype. That is what fxopt saves (about 1/32 of the fp32 bytes for the weight) and what runs the
+`fxopt::binary_linear` kernel on a GPU.
+
+    >>> layer = BinaryLinear.from_original(torch.nn.Linear(256, 128))
+    >>> packed = layer.packed()                    # 128 × 8 int32 words + 128 scales + bias
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt.bits import pack_bits, pack_signs, unpack_mask, unpack_signs
+from fxopt.codegen.binary import ACTIVATIONS, binary_linear
+
+from . import Decline, Param, SubstituteSpec, optional, register
+
+MODES = ("binary", "ternary")
+_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV_GRAD = {1: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+              2: (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight)}
+
+
+# --- quantizers (the paper's formulas; tests check them one by one) ---------------------------
+
+def hard_sigmoid(w: torch.Tensor) -> torch.Tensor:
+    return ((w + 1) / 2).clamp(0, 1)
+
+
+def binarize(w: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+    """±1: sign(w) (0 → +1), or +1 with probability hard_sigmoid(w)."""
+    if stochastic:
+        return torch.where(torch.rand_like(w) < hard_sigmoid(w), 1.0, -1.0).to(w.dtype)
+    return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+
+
+def ternarize(w: torch.Tensor, threshold: float, stochastic: bool = False) -> torch.Tensor:
+    """−1/0/+1 per row of w (dim 0 = output channel): sign(w) where |w| > threshold·mean|w| of the
+    row; stochastically, sign(w) with probability min(|w|, 1), else 0."""
+    if stochastic:
+        keep = torch.rand_like(w) < w.abs().clamp(max=1)
+    else:
+        rows = w.abs().flatten(1).mean(1)
+        keep = w.abs() > threshold * rows.view(-1, *[1] * (w.dim() - 1))
+    return torch.where(keep, torch.sign(w), 0.0).to(w.dtype)
+
+
+def pow2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """sign(x)·2^e, e = round(log₂|x|) clipped to the 2^bits exponents from the largest
+    element's down; |x| below that range (and 0) → 0."""
+    mag = x.abs()
+    top = mag.max()
+    if top == 0:
+        return torch.zeros_like(x)
+    e = torch.round(torch.log2(mag.clamp_min(torch.finfo(x.dtype).tiny)))
+    e_max = torch.round(torch.log2(top))
+    e_min = e_max - (2 ** bits - 1)
+    e = e.clamp(max=e_max)
+    q = torch.sign(x) * torch.exp2(e)
+    return torch.where(e < e_min, torch.zeros_like(x), q)
+
+
+def straight_through(latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """`quantized` in the forward pass, identity gradient to `latent` in the backward pass."""
+    return latent + (quantized - latent).detach()
+
+
+class QuantizedBackprop(torch.autograd.Function):
+    """y = linear/conv(x, w); backward: ∂L/∂x exact, ∂L/∂w computed from pow2_quantize(x, bits).
+
+    `conv` is None for a linear layer, else (dims, stride, padding, dilation, groups).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bits, conv):
+        ctx.save_for_backward(x, weight)
+        ctx.bits, ctx.conv = bits, conv
+        if conv is None:
+            return F.linear(x, weight)
+        dims, stride, padding, dilation, groups = conv
+        return _CONV[dims](x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx = gw = None
+        if ctx.conv is None:
+            if ctx.needs_input_grad[0]:
+                gx = grad @ weight
+            if ctx.needs_input_grad[1]:
+                xq = pow2_quantize(x, ctx.bits)  # shifts instead of multiplies: δ · 2^e
+                gw = grad.reshape(-1, weight.shape[0]).T @ xq.reshape(-1, weight.shape[1])
+        else:
+            dims, stride, padding, dilation, groups = ctx.conv
+            grad_input, grad_weight = _CONV_GRAD[dims]
+            if ctx.needs_input_grad[0]:
+                gx = grad_input(x.shape, weight, grad, stride, padding, dilation, groups)
+            if ctx.needs_input_grad[1]:
+                gw = grad_weight(pow2_quantize(x, ctx.bits), weight.shape, grad, stride, padding, dilation, groups)
+        return gx, gw, None, None
+
+
+# --- from a dense weight to (α, latent) -------------------------------------------------------
+
+def channel_scales(weight: torch.Tensor, mode: str, threshold: float) -> torch.Tensor:
+    """Least-squares α per output channel: mean |W| over the channel's kept weights."""
+    w = weight.detach().flatten(1).abs()
+    if mode == "binary":
+        return w.mean(1)
+    kept = w > threshold * w.mean(1, keepdim=True)
+    return (w * kept).sum(1) / kept.sum(1).clamp_min(1)
+
+
+def quantization_error(weight: torch.Tensor, mode: str, threshold: float) -> float:
+    """‖W − α ⊙ Q(W)‖ / ‖W‖: what binarizing costs before any training."""
+    w = weight.detach().double()
+    q = binarize(w) if mode == "binary" else ternarize(w, threshold)
+    alpha = channel_scales(w, mode, threshold).view(-1, *[1] * (w.dim() - 1))
+    total = w.norm()
+    return ((w - alpha * q).norm() / total).item() if total > 0 else 0.0
+
+
+class _Binary(nn.Module):
+    """Shared state: latent weights in [−1, 1], α per output channel, optional bias."""
+
+    def _setup(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, threshold: float,
+               stochastic: bool, backprop_bits: int | None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        w = weight.detach()
+        top = w.flatten(1).abs().amax(1).clamp_min(torch.finfo(w.dtype).tiny)
+        self.latent = nn.Parameter((w / top.view(-1, *[1] * (w.dim() - 1))).clamp(-1, 1))
+        self.scale = nn.Parameter(channel_scales(w, mode, threshold).to(w.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.mode, self.threshold, self.stochastic, self.backprop_bits = mode, threshold, stochastic, backprop_bits
+        self.reconstruction_error = quantization_error(w, mode, threshold)
+
+    def quantized(self) -> torch.Tensor:
+        """The ±1 (or −1/0/+1) weights the forward pass uses: stochastic only while training."""
+        stochastic = self.stochastic and self.training
+        if self.mode == "binary":
+            return binarize(self.latent, stochastic)
+        return ternarize(self.latent, self.threshold, stochastic)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """α ⊙ Q(latent), with the straight-through gradient to the latent weights."""
+        q = straight_through(self.latent, self.quantized())
+        return q * self.scale.view(-1, *[1] * (q.dim() - 1))
+
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
+        """The dense layer's count: the MACs remain, as additions and sign changes."""
+        k = math.prod(self.latent.shape[1:])
+        if isinstance(self, BinaryLinear):
+            return 2 * math.prod(input_shape[:-1]) * self.latent.shape[0] * k
+        return 2 * math.prod(output_shape) * k
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clip the latent weights to [−1, 1]; call after each optimizer step (BinaryConnect)."""
+        self.latent.clamp_(-1, 1)
+
+    def _packed_planes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = (binarize(self.latent) if self.mode == "binary" else ternarize(self.latent, self.threshold)).flatten(1)
+        return pack_signs(q), (pack_bits(q != 0) if self.mode == "ternary" else None)
+
+    def _frozen_tensors(self) -> dict[str, Any]:
+        signs, mask = self._packed_planes()
+        return {"signs": signs, "mask": mask, "scale": self.scale.detach().clone(),
+                "bias": None if self.bias is None else self.bias.detach().clone()}
+
+    def extra_repr(self) -> str:
+        extra = f", threshold={self.threshold:g}" if self.mode == "ternary" else ""
+        extra += ", stochastic" if self.stochastic else ""
+        extra += f", backprop_bits={self.backprop_bits}" if self.backprop_bits else ""
+        return f"{tuple(self.latent.shape)}, {self.mode}{extra}"
+
+
+class BinaryLinear(_Binary):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, mode: str = "binary",
+                 threshold: float = 0.7, stochastic: bool = False, backprop_bits: int | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self._setup(weight, bias, mode, threshold, stochastic, backprop_bits)
+
+    @classmethod
+    def from_original(cls, linear: nn.Linear, mode: str = "binary", threshold: float = 0.7,
+                      stochastic: bool = False, backprop_bits: int | None = None) -> "BinaryLinear":
+        return cls(linear.weight, linear.bias, mode, threshold, stochastic, backprop_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        if self.backprop_bits and self.training:
+            y = QuantizedBackprop.apply(x, w, self.backprop_bits, None)
+        else:
+            y = F.linear(x, w)
+        return y if self.bias is None else y + self.bias
+
+    def packed(self) -> "PackedBinaryLinear":
+        return PackedBinaryLinear(in_features=self.in_features, **self._frozen_tensors())
+
+    deployable = packed
+
+
+class BinaryConv(_Binary):
+    """Binarized Conv1d/Conv2d (any groups, zero padding); use BinaryConv1d / BinaryConv2d."""
+
+    dims = 0
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int,
+                 mode: str = "binary", threshold: float = 0.7, stochastic: bool = False,
+                 backprop_bits: int | None = None):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self._setup(weight, bias, mode, threshold, stochastic, backprop_bits)
+
+    @classmethod
+    def from_original(cls, conv: nn.Conv1d | nn.Conv2d, mode: str = "binary", threshold: float = 0.7,
+                      stochastic: bool = False, backprop_bits: int | None = None) -> "BinaryConv":
+        if conv.padding_mode != "zeros":
+            raise Decline(f"padding_mode={conv.padding_mode!r} is not supported by binary")
+        cls = {1: BinaryConv1d, 2: BinaryConv2d}[conv.weight.dim() - 2]
+        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                   mode, threshold, stochastic, backprop_bits)
+
+    def _conv_args(self) -> tuple:
+        return (self.dims, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        if self.backprop_bits and self.training:
+            return QuantizedBackprop.apply(x, w, self.backprop_bits, self._conv_args()) + _channel(self.bias, x)
+        return _CONV[self.dims](x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def packed(self) -> "PackedBinaryConv":
+        return PackedBinaryConv(shape=tuple(self.latent.shape), conv=self._conv_args(), **self._frozen_tensors())
+
+    deployable = packed
+
+
+class BinaryConv1d(BinaryConv):
+    dims = 1
+
+
+class BinaryConv2d(BinaryConv):
+    dims = 2
+
+
+def _channel(v: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | float:
+    """A per-channel vector shaped to broadcast over (N, C, *spatial) x."""
+    return 0.0 if v is None else v.view(1, -1, *[1] * (x.dim() - 2))
+
+
+# --- deployable forms: packed bits, no latent weights -----------------------------------------
+
+class _Packed(nn.Module):
+    def _setup(self, signs, mask, scale, bias) -> None:
+        self.register_buffer("signs", signs)
+        self.register_buffer("mask", mask)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def _weight(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        w = unpack_signs(self.signs, k, dtype)
+        return w if self.mask is None else w * unpack_mask(self.mask, k, dtype)
+
+
+class PackedBinaryLinear(_Packed):
+    """y = act((x·Wᵀ)⊙α + b) with W packed 32 per int32, through the `fxopt::binary_linear` op
+    (Triton on a GPU, the torch reference elsewhere). `activation` is fused into the kernel."""
+
+    def __init__(self, signs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                 mask: torch.Tensor | None = None, activation: str = "none"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
+        self.in_features, self.out_features, self.activation = in_features, signs.shape[0], activation
+        self._setup(signs, mask, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return binary_linear(x, self.signs, self.scale, self.bias, self.mask, self.in_features, self.activation)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self._weight(self.in_features, self.scale.dtype) * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        kind = "ternary" if self.mask is not None else "binary"
+        act = f", {self.activation}" if self.activation != "none" else ""
+        return f"{self.in_features}→{self.out_features}, {kind}, packed{act}"
+
+
+class PackedBinaryConv(_Packed):
+    """Packed conv: the weights are unpacked and the convolution runs in torch (no conv kernel yet)."""
+
+    def __init__(self, signs, scale, bias, shape: tuple[int, ...], conv: tuple, mask=None):
+        super().__init__()
+        self.shape = shape
+        self.dims, self.stride, self.padding, self.dilation, self.groups = conv
+        self._setup(signs, mask, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight(math.prod(self.shape[1:]), x.dtype).view(self.shape)
+        y = _CONV[self.dims](x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        return y * _channel(self.scale.to(x.dtype), x) + _channel(self.bias, x)
+
+    def extra_repr(self) -> str:
+        kind = "ternary" if self.mask is not None else "binary"
+        return f"{self.shape}, {kind}, packed"
+
+
+# --- whole models: train binarized from the start, then pack -------------------------------------
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def to_binary(model: nn.Module, exclude: tuple[str, ...] = (), **params: Any) -> nn.Module:
+    """Replace, in place, every Linear/Conv1d/Conv2d of `model` (except the qualified names in
+    `exclude`) by its binary training form, initialised from its current weights; returns `model`.
+
+    Training loop (BinaryConnect): `loss.backward(); opt.step(); fxopt.substitutes.constrain_([model])`.
+
+        >>> net = to_binary(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), backprop_bits=3)
+    """
+    for name, child in list(model.named_modules()):
+        for attr, layer in list(child.named_children()):
+            path = f"{name}.{attr}" if name else attr
+            if isinstance(layer, _LAYERS) and path not in exclude:
+                binary = BinaryLinear.from_original(layer, **params) if isinstance(layer, nn.Linear) \
+                    else BinaryConv.from_original(layer, **params)
+                setattr(child, attr, binary.train(layer.training))
+    return model
+
+
+def packed_model(model: nn.Module) -> nn.Module:
+    """Replace, in place, every binary training-form layer of `model` by its packed 1-bit form."""
+    for child in list(model.modules()):
+        for attr, layer in list(child.named_children()):
+            if isinstance(layer, _Binary):
+                setattr(child, attr, layer.packed())
+    return model
+
+
+def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
+    kwargs = {k: params[k] for k in ("mode", "threshold", "stochastic", "backprop_bits")}
+    if isinstance(module, nn.Linear):
+        return BinaryLinear.from_original(module, **kwargs)
+    return BinaryConv.from_original(module, **kwargs)
+
+
+def _choice(options: tuple[str, ...]):
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _open_unit(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"expected a number between 0 and 1 (exclusive), got {value!r}")
+    return float(value)
+
+
+def _bits(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        raise ValueError(f"expected an integer from 1 to 8, got {value!r}")
+    return value
+
+
+SPEC = register(SubstituteSpec(
+    name="binary",
+    summary="W ≈ α·sign(W) per output channel (or ternary), saved 1 bit per weight (Lin et al. 1510.03009)",
+    ops=("linear", "conv1d", "conv2d"),
+    params=(
+        Param("mode", "binary (±α) or ternary (−α, 0, +α)", "binary", _choice(MODES)),
+        Param("threshold", "ternary only: weights with |w| ≤ threshold·mean|w| of their channel become 0",
+              0.7, _open_unit),
+        Param("stochastic", "training: binarize stochastically (p(+1) = hard_sigmoid(w)); eval is always "
+              "deterministic", False, _boolean),
+        Param("backprop_bits", "training: exponent bits of the power-of-two quantized layer input in the weight "
+              "gradient (null: exact)", None, optional(_bits)),
+    ),
+    build=_build,
+))
