@@ -102,7 +102,7 @@ class Result:
     """
 
     model: fx.GraphModule
-    program: torch.export.ExportedProgram
+    program: torch.export.ExportedProgram | None  # None from `rewrite` (no export)
     report: dict[str, Any]
     substitutes: list[tuple[Site, nn.Module]] = field(default_factory=list)  # the applied ones
 
@@ -128,13 +128,15 @@ class _Stages:
 
 def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
              calibration: Iterable[tuple] | None = None, source: str | None = None,
-             layerwise: Layerwise | None = None, time_sites: bool = True) -> Result:
+             layerwise: Layerwise | None = None, time_sites: bool = True, export_program: bool = True) -> Result:
     """Rewrite `model` by `rules` (a path, a shipped name such as "kron", or a RuleSet).
 
     Validation runs on the example inputs and on every calibration batch given. `layerwise`
     trains the substitutes on the calibration batches (the example inputs when there are none)
     before validation. `time_sites` times every applied site (the gate); rules with
-    `require_speedup` are timed whatever it says.
+    `require_speedup` are timed whatever it says. Without `export_program` (the torch.compile
+    backend) the export stage is skipped, `Result.program` is None and end_to_end checks the
+    rewritten GraphModule itself.
     """
     ruleset = rules_mod.load(rules)
     layerwise = layerwise or Layerwise()
@@ -169,10 +171,12 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     with stage("freeze"):
         gm, frozen = freeze(gm, placed)
         accepted = [(site, frozen.get(site.key, module)) for site, module in accepted]
-    with stage("export"):
-        program = export(gm, tuple(example_inputs))
+    program = None
+    if export_program:
+        with stage("export"):
+            program = export(gm, tuple(example_inputs))
     with stage("end_to_end"):
-        e2e = end_to_end(model, program.module(), batches)
+        e2e = end_to_end(model, program.module() if program is not None else gm, batches)
 
     report = build_report(
         records=list(records.values()), e2e=e2e, ruleset=ruleset, traced=traced,
@@ -184,6 +188,14 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
                   "distill": distilled},
     )
     return Result(gm, program, report, accepted)
+
+
+def rewrite(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
+            source: str | None = None) -> Result:
+    """The pipeline without export, for the torch.compile backend: sites are validated and
+    rolled back as in `optimize`, only rules that ask for it (`require_speedup`) are timed, and
+    `Result.model` is the rewritten GraphModule."""
+    return optimize(model, example_inputs, rules, source=source, time_sites=False, export_program=False)
 
 
 def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[Site, nn.Module]]]:
@@ -296,4 +308,4 @@ def export(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedPr
         raise FxoptError(f"cannot export the rewritten model: {first_line(exc)}") from None
 
 
-__all__ = ["optimize", "Result", "SiteRecord"]
+__all__ = ["optimize", "rewrite", "Result", "SiteRecord"]

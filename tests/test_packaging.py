@@ -53,3 +53,14 @@ def test_installed_command_runs_from_another_directory(wheel, tmp_path):
     proc = subprocess.run([str(site / "bin" / "fxopt"), "rules", "check", "kron"], cwd=elsewhere, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "kron: ok" in proc.stdout
+    # torch.compile finds the backend through the installed entry point, with no import of fxopt
+    script = ("import sys, torch; from torch import nn\n"
+              "m = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.Linear(128, 4)).eval()\n"
+              "x = torch.randn(2, 128)\n"
+              "with torch.no_grad():\n"
+              "    y = torch.compile(m, backend='fxopt', options={'rules': 'kron', 'inner': 'eager'})(x)\n"
+              "    assert not torch.equal(y, m(x))\n"
+              "print(sys.modules['fxopt'].__file__)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().startswith(str(site))

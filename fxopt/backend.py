@@ -1,0 +1,150 @@
+"""fxopt as a `torch.compile` backend, registered under the name "fxopt" (entry point
+`torch_dynamo_backends`, so no import of fxopt is needed):
+
+    compiled = torch.compile(model, backend="fxopt", options={"rules": "kron"})
+    compiled = torch.compile(model, backend="fxopt",
+                             options={"rules": "rules/my.yaml", "inner": "eager", "validate": True})
+
+Options: `rules` (a shipped rule set's name or a path; required), `inner` (what compiles the
+rewritten graph: "inductor" by default, "aot_eager" or "eager"), `validate` (log the per-site and
+end-to-end figures of the rewrite).
+
+Dynamo hands the backend one graph per captured region (several when the model has graph breaks).
+In those graphs parameters are placeholders (`l_self_modules_fc_parameters_weight_`) and layers
+are functional calls (`torch._C._nn.linear`, `torch.conv2d`). For each graph the backend
+
+1. turns every parameter placeholder into a constant attribute under the layer's qualified name
+   (read from the placeholder's Dynamo source, `L['self']._modules['fc']._parameters['weight']`
+   → `fc.weight`), so that rules match names as they do on `fxopt optimize`;
+2. runs the same pipeline as `fxopt optimize` up to the rewritten graph (trace, match, build,
+   validate with rollback, gate, substitute, cleanup, freeze) on the graph's real inputs;
+3. hands the rewritten graph to the inner compiler, and returns a function that takes Dynamo's
+   full argument list and passes on the non-parameter ones.
+
+The parameters are read once, when the graph is compiled: the result is for inference. A graph
+in which no rule claims a site goes to the inner compiler untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from . import rules as rules_mod
+from .errors import FxoptError
+
+log = logging.getLogger("fxopt")
+INNER = ("inductor", "aot_eager", "eager")
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
+
+
+@dataclass(frozen=True)
+class Options:
+    rules: Any  # a shipped rule set's name, a path, or a parsed RuleSet
+    inner: str = "inductor"
+    validate: bool = False
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> "Options":
+        options = dict(options or {})
+        unknown = set(options) - {"rules", "inner", "validate"}
+        if unknown:
+            raise FxoptError(f"fxopt backend: unknown option(s) {', '.join(sorted(unknown))} "
+                             "(known: rules, inner, validate)")
+        if "rules" not in options:
+            raise FxoptError('fxopt backend: options={"rules": ...} is required (a shipped rule set or a path)')
+        inner = options.get("inner", "inductor")
+        if inner not in INNER:
+            raise FxoptError(f"fxopt backend: inner={inner!r}; expected one of {', '.join(INNER)}")
+        return cls(options["rules"], inner, bool(options.get("validate", False)))
+
+
+def qualified_name(node: fx.Node) -> str | None:
+    """`fc.weight` for a placeholder whose Dynamo source is a module's parameter or buffer."""
+    arg = node.meta.get("grapharg")
+    source = getattr(getattr(arg, "source", None), "name", None)
+    source = source() if callable(source) else source
+    parts = _SOURCE_PART.findall(source or "")
+    return ".".join(parts) if parts else None
+
+
+def constants_graph(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[int]]:
+    """A copy of `gm` whose parameter placeholders are attributes under their qualified names;
+    returns it and the positions of the placeholders it still takes."""
+    root = nn.Module()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    keep = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        name = qualified_name(node) if isinstance(value, nn.Parameter) else None
+        if name is None:
+            keep.append(i)
+            env[node] = graph.placeholder(node.target)
+            continue
+        _set_attr(root, name, value)
+        env[node] = graph.get_attr(name)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    for name, module in gm.named_children():  # call_module nodes (rare in Dynamo graphs) keep their modules
+        if not hasattr(root, name):
+            root.add_module(name, module)
+    out = fx.GraphModule(root, graph, gm.__class__.__name__)
+    return out, keep
+
+
+def _set_attr(root: nn.Module, path: str, value: torch.Tensor) -> None:
+    *owners, attr = path.split(".")
+    module = root
+    for part in owners:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, nn.Parameter):
+        module.register_parameter(attr, nn.Parameter(value.detach(), requires_grad=False))
+    else:
+        module.register_buffer(attr, value.detach())
+
+
+def _inner(name: str) -> Callable:
+    if name == "eager":
+        return lambda gm, inputs: gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(name)
+
+
+def fxopt_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
+                  mode: str | None = None) -> Callable:
+    """The `torch.compile` backend (see the module docstring)."""
+    from .pipeline import rewrite
+    from .report import print_summary
+
+    opts = Options.parse(options)
+    ruleset = rules_mod.load(opts.rules)
+    inner = _inner(opts.inner)
+    const_gm, keep = constants_graph(gm, example_inputs)
+    inputs = [example_inputs[i] for i in keep]
+    if not keep or not all(isinstance(t, torch.Tensor) for t in inputs):
+        log.info("fxopt backend: graph with non-tensor or no inputs; left to %s", opts.inner)
+        return inner(gm, example_inputs)
+    with torch.no_grad():
+        result = rewrite(const_gm, tuple(inputs), ruleset, source=f"dynamo graph {gm.__class__.__name__}")
+    if opts.validate:
+        print_summary(result.report)
+    applied = result.report["totals"]["applied"]
+    log.info("fxopt backend: %d site(s) rewritten; inner compiler %s", applied, opts.inner)
+    if not applied:
+        return inner(gm, example_inputs)
+    compiled = inner(result.model, inputs)
+
+    def run(*args):
+        return compiled(*[args[i] for i in keep])
+
+    return run

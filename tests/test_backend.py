@@ -1,0 +1,114 @@
+"""torch.compile(model, backend="fxopt", options=...): found by name through the entry point,
+rewrites what `fxopt optimize` rewrites (same outputs), per graph when the model breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import rules
+from fxopt.backend import fxopt_backend
+from conftest import load_example
+
+NO_EXCLUSIONS = rules.parse("version: 1\nrules:\n  - name: all\n    match: {op: linear}\n    substitute: kron\n"
+                            "    params: {compression: 8, max_flops_ratio: null}\n    tolerance: {cosine: 0.0}\n")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_backend_is_registered_by_entry_point():
+    assert "fxopt" in torch._dynamo.list_backends()
+
+
+@pytest.mark.parametrize("example,ruleset", [("mlp", "kron"), ("transformer", "kron"), ("cnn", "kron"),
+                                             ("cnn", "binary")])
+def test_outputs_match_the_cli_rewrite(example, ruleset):
+    ex = load_example(example)
+    model, inputs = ex.build_model(), ex.example_inputs()
+    expected = fxopt.optimize(model, inputs, ruleset, time_sites=False).model(*inputs)
+    compiled = torch.compile(model, backend="fxopt", options={"rules": ruleset, "inner": "eager"})
+    with torch.no_grad():
+        out = compiled(*inputs)
+        assert not torch.equal(out, model(*inputs))  # something was rewritten
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()  # two graphs for Dynamo; nothing for symbolic_trace
+        return self.c(torch.relu(self.b(x)))
+
+
+def test_graph_breaks_each_graph_is_rewritten():
+    torch.manual_seed(0)
+    model, x = Broken().eval(), torch.randn(4, 64)
+    expected = fxopt.optimize(model, (x,), NO_EXCLUSIONS, time_sites=False)
+    assert expected.report["totals"]["applied"] == 3
+    graphs = []
+
+    def counting(gm, example_inputs, **kw):  # the same backend, counting the graphs it receives
+        graphs.append(gm)
+        return fxopt_backend(gm, example_inputs, options={"rules": NO_EXCLUSIONS, "inner": "eager"})
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=counting)(x)
+    assert len(graphs) == 2
+    torch.testing.assert_close(out, expected.model(x), rtol=0, atol=1e-6)
+
+
+def test_no_matching_rule_leaves_the_graph_to_the_inner_compiler():
+    ex = load_example("mlp")
+    model, inputs = ex.build_model(), ex.example_inputs()
+    none = rules.parse("version: 1\nrules:\n  - match: {name: nothing}\n    substitute: kron\n")
+    with torch.no_grad():
+        out = torch.compile(model, backend="fxopt", options={"rules": none, "inner": "eager"})(*inputs)
+        assert torch.equal(out, model(*inputs))
+
+
+def test_validate_prints_the_site_table(capsys):
+    ex = load_example("mlp")
+    with torch.no_grad():
+        torch.compile(ex.build_model(), backend="fxopt",
+                      options={"rules": "kron", "inner": "eager", "validate": True})(*ex.example_inputs())
+    out = capsys.readouterr().out
+    assert "kron: applied" in out and "end to end" in out
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"inner": "eager"}, "is required"),
+    ({"rules": "kron", "inner": "tvm"}, "inner='tvm'"),
+    ({"rules": "kron", "speed": 2}, "unknown option"),
+    ({"rules": "no_such_rules"}, "no such rule file"),
+])
+def test_bad_options_say_what_is_wrong(options, message):
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(Exception, match=message):
+        torch.compile(model, backend="fxopt", options=options)(torch.randn(2, 8))
+
+
+@pytest.mark.slow
+def test_inductor_inner_matches_the_cli_and_plain_inductor():
+    ex = load_example("mlp")
+    model, inputs = ex.build_model(), ex.example_inputs()
+    expected = fxopt.optimize(model, inputs, "kron", time_sites=False).model(*inputs)
+    none = rules.parse("version: 1\nrules:\n  - match: {name: nothing}\n    substitute: kron\n")
+    with torch.no_grad():
+        out = torch.compile(model, backend="fxopt", options={"rules": "kron"})(*inputs)
+        torch._dynamo.reset()
+        untouched = torch.compile(model, backend="fxopt", options={"rules": none})(*inputs)
+        torch._dynamo.reset()
+        plain = torch.compile(model)(*inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(untouched, plain, rtol=0, atol=0)
