@@ -143,3 +143,4 @@ from . import lowrank  # noqa: E402,F401
 from . import separable  # noqa: E402,F401
 from . import bottleneck  # noqa: E402,F401
 from . import binary  # noqa: E402,F401
+from . import rescale  # noqa: E402,F401

@@ -1,0 +1,157 @@
+"""Kernel rescaling: the resampling operators, the down/up rewrites on several conv configurations,
+the spatial scaling property on smooth inputs, and the training schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt import rescale
+from fxopt.errors import FxoptError
+
+
+def gaussian_kernels(out_c: int, in_c: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Smooth kernels (random mixtures of wide Gaussians): what the scaling property is about."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.linspace(-1, 1, k)
+    centre = torch.rand(out_c, in_c, 2, generator=g) * 0.6 - 0.3
+    amp = torch.randn(out_c, in_c, 1, 1, generator=g)
+    d2 = (r.view(1, 1, -1, 1) - centre[..., 0, None, None]) ** 2 + (r.view(1, 1, 1, -1) - centre[..., 1, None, None]) ** 2
+    return amp * torch.exp(-d2 / 0.5) / k**2
+
+
+@pytest.mark.parametrize("large,small", [(5, 3), (7, 5), (11, 7), (9, 5), (8, 4), (4, 2)])
+def test_down_keeps_sums_and_up_is_its_right_inverse(large, small):
+    d, u = rescale.downsample_matrix(large, small, 2), rescale.upsample_matrix(small, large, 2)
+    assert torch.allclose(d.sum(0), torch.ones(large, dtype=d.dtype))  # every full tap is shared out whole
+    assert torch.allclose(d @ u, torch.eye(small, dtype=u.dtype), atol=1e-10)  # ↓(↑(k)) = k
+
+
+def test_down_matrix_is_the_tent_filter_at_stride_s():
+    d = rescale.downsample_matrix(5, 3, 2)  # taps −2..2 → −1..1, at full offsets −2, 0, 2
+    expected = torch.tensor([[1, 0.5, 0, 0, 0], [0, 0.5, 1, 0.5, 0], [0, 0, 0, 0.5, 1]], dtype=d.dtype)
+    assert torch.allclose(d, expected)
+
+
+@pytest.mark.parametrize("k,expected", [(7, 5), (5, 3), (11, 7), (3, 3), (1, 1), (4, 2), (9, 5)])
+def test_kernel_sizes_at_half_resolution(k, expected):
+    assert rescale.smaller_kernel(k, 2) == expected
+
+
+class Convs(nn.Module):
+    """Stride, padding (same and not), dilation, groups, rectangular kernels, pooling, fc after flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+        self.b = nn.Conv2d(8, 8, (5, 7), padding=(2, 3), groups=2)
+        self.c = nn.Conv2d(8, 16, 5, padding=4, dilation=2)
+        self.d = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 16 * 16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        x = F.relu(self.b(x))
+        x = self.pool(F.relu(self.c(x)))
+        x = F.relu(self.d(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_down_rewrites_geometry_and_records_each_layer():
+    x = torch.randn(2, 3, 64, 64)
+    low = rescale.down(Convs().eval(), (x,), 2)
+    recs = {r.name: r for r in low.records}
+    assert low.input_shapes == [(2, 3, 32, 32)]
+    assert recs["a"].after == {"kernel": [5, 5], "stride": [2, 2], "padding": [2, 2], "dilation": [1, 1]}
+    assert recs["b"].after["kernel"] == [3, 5] and recs["b"].after["padding"] == [1, 2]
+    assert recs["c"].after["kernel"] == [3, 3] and recs["c"].after["padding"] == [2, 2]  # dilated 'same'
+    assert low.model.get_submodule("b").groups == 2
+    assert recs["d"].status == "kept" and "too small" in recs["d"].reason
+    assert recs["fc"].kind == "linear-after-flatten" and recs["fc"].after == {"in_features": 1024, "map": [16, 8, 8]}
+    assert low.model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+
+
+def test_rescaled_layers_follow_the_spatial_scaling_property_on_smooth_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 7, padding=3), nn.ReLU(), nn.Conv2d(6, 6, 5, stride=2, padding=2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(gaussian_kernels(6, 3, 7))
+        model[2].weight.copy_(gaussian_kernels(6, 6, 5, seed=1))
+    x = torch.randn(2, 3, 64, 64)
+    low = rescale.down(model, (x,), 2)
+    rescale.check(model, low, (x,))
+    errors = [r.error for r in low.records if r.status == "rescaled"]
+    assert len(errors) == 2 and max(errors) < 0.1, errors  # the second layer's input is relu(·): less smooth
+
+
+def test_up_of_down_is_identity_on_kernels_that_up_can_make():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    model = Convs().eval()
+    low = rescale.down(model, (x,), 2)
+    full = rescale.up(low, like=model)
+    again = rescale.down(full, (x,), 2)
+    for (k, a), (_, b) in zip(low.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # and for the full model: once projected, ↑↓ changes nothing
+    assert torch.allclose(rescale.up(again, like=model)(x), full(x), atol=1e-5)
+
+
+def test_down_then_up_of_an_untrained_model_is_close_on_smooth_inputs():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 7, padding=3), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(gaussian_kernels(8, 3, 7))
+        model[2].weight.copy_(gaussian_kernels(8, 8, 5, seed=3))
+    x = torch.randn(2, 3, 48, 48)
+    report = rescale.check(model, rescale.down(model, (x,), 2), (x,))
+    assert report["round_trip_rel_l2"] < 0.05
+    assert report["low_resolution_rel_l2"] is not None
+
+
+def test_bad_factor_and_untraceable_model_fail_clearly():
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(FxoptError, match="factor must be greater than 1"):
+        rescale.down(nn.Conv2d(3, 3, 5), (x,), 1)
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(FxoptError, match="cannot trace Branchy"):
+        rescale.down(Branchy(), (x,), 2)
+
+
+def test_rule_file_selects_layers_and_optimize_declines_with_a_pointer():
+    x = torch.randn(2, 3, 64, 64)
+    only_b = fxopt.rules.parse("version: 1\nrules:\n  - match: {op: conv2d, name: b}\n    substitute: rescale\n")
+    low = rescale.down(Convs().eval(), (x,), 2, rules=only_b)
+    assert [r.name for r in low.records if r.status == "rescaled" and r.kind == "conv"] == ["b"]
+    result = fxopt.optimize(nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 5)).eval(), (x,),
+                            "rescale", time_sites=False)
+    reasons = [s["reason"] for s in result.report["sites"]]
+    assert any("whole model" in (r or "") for r in reasons)
+
+
+def test_schedule_trains_low_then_full_and_times_each_phase():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 2, (16,))
+    seen = []
+
+    def train_epoch(m, scale, epoch):
+        xs = rescale.downsample_input(x, scale) if scale != 1 else x
+        seen.append((epoch, tuple(xs.shape[2:]), tuple(m.get_submodule("0").kernel_size)))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        F.cross_entropy(m(xs), y).backward()
+        opt.step()
+
+    full, phases, low = rescale.schedule(model, (x,), 2, 2, 1, train_epoch)
+    assert seen == [(0, (16, 16), (3, 3)), (1, (16, 16), (3, 3)), (2, (32, 32), (5, 5))]
+    assert [p.name for p in phases] == ["low", "full"] and all(p.seconds > 0 for p in phases)
+    assert full[0].weight.shape == model[0].weight.shape and not torch.equal(full[0].weight, model[0].weight)
