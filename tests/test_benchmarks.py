@@ -61,3 +61,16 @@ def test_binary_digits_demo_runs_end_to_end(tmp_path):
         assert x["test_accuracy"] > 50  # two epochs already learn the digits
         if x["way"] != "fp32":
             assert x["bytes"] < x["bytes_training_form"] / 10  # packed: 1 bit per weight
+
+
+@pytest.mark.slow
+def test_rescale_experiment_runs_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rescale_cnn.py"), "--out", str(out), "--seeds", "0",
+                    "--train", "128", "--test", "64", "--size", "32", "--epochs", "2", "--low-epochs", "1"],
+                   check=True, capture_output=True, cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"overfeat", "resnet"}
+    for r in rows:
+        assert [p["name"] for p in r["rescaled"]["phases"]] == ["low", "full"]
+        assert any(layer["status"] == "rescaled" for layer in r["rescaled"]["layers"])
