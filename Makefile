@@ -33,4 +33,5 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/layerwise_cnn.py --seed 1 --out benchmarks/results/layerwise_cnn_seed1_cpu.json
 	$(BIN)/python benchmarks/binary_digits.py --seeds 0 1 2 3 4 --out benchmarks/results/binary_digits_cpu.json
 	$(BIN)/python benchmarks/rescale_cnn.py --seeds 0 1 --out benchmarks/results/rescale_cnn_cpu.json
+	$(BIN)/python benchmarks/backend.py --out benchmarks/results/backend_cpu.json
 	$(BIN)/python benchmarks/render.py > BENCHMARKS.md
