@@ -39,12 +39,12 @@ from fxopt import rescale  # noqa: E402
 from fxopt.save import write_json  # noqa: E402
 
 
-def overfeat(classes: int = 10) -> nn.Module:
+def overfeat(size: int = 64, classes: int = 10) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),   # 64 → 16
         nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),             # → 8
         nn.Conv2d(64, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(), nn.MaxPool2d(2),             # → 4
-        nn.Flatten(), nn.Linear(96 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, classes))
+        nn.Flatten(), nn.Linear(96 * (size // 16) ** 2, 128), nn.ReLU(), nn.Linear(128, classes))
 
 
 class Block(nn.Module):
@@ -62,7 +62,7 @@ class Block(nn.Module):
         return F.relu(self.bn2(self.conv2(y)) + self.short(x))
 
 
-def resnet(classes: int = 10) -> nn.Module:
+def resnet(size: int = 64, classes: int = 10) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 32, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         Block(32, 32), Block(32, 64, stride=2), Block(64, 64),
@@ -114,7 +114,7 @@ class Trainer:
 def run(name: str, args, data, seed: int) -> dict:
     (x, y), (xt, yt) = data
     torch.manual_seed(seed)
-    init = MODELS[name]()
+    init = MODELS[name](args.size)
     example = (x[:2],)
     out = {"model": name, "seed": seed}
     # (a) full resolution throughout
