@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -30,16 +29,10 @@ from common import run_info, time_variants  # noqa: E402
 
 from fxopt import rules  # noqa: E402
 from fxopt.save import write_json  # noqa: E402
+from fxopt.trace import load_model_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTHING = rules.parse("version: 1\nrules:\n  - match: {name: no-layer-has-this-name}\n    substitute: kron\n")
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def compiled_variants(model: torch.nn.Module, inputs: tuple) -> tuple[dict, dict]:
@@ -68,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     rows = []
     for name in args.examples:
-        ex = load_example(name)
-        model, inputs = ex.build_model().eval(), tuple(ex.example_inputs())
+        spec = load_model_file(ROOT / "examples" / f"{name}.py")
+        model, inputs = spec.model.eval(), spec.example_inputs
         variants, compile_s = compiled_variants(model, inputs)
         t = time_variants(variants, inputs, args.rounds, args.min_run_time)
         row = {"example": name, "us": {k: round(v * 1e6, 1) for k, v in t.items()}, "compile_s": compile_s,

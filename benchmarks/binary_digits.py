@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     data = digits()
     runs = []
     for name in args.models:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fxopt.bits import unpack_mask, unpack_signs, words_for
+from fxopt.bits import unpack_weight, words_for
 
 from .registry import HAVE_TRITON, interpreted, wants_triton
 
@@ -42,10 +42,7 @@ GEMV_MAX_ROWS = 16
 def binary_linear_reference(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                             mask: Optional[torch.Tensor], in_features: int, activation: str) -> torch.Tensor:
     """Plain torch: the oracle every implementation is tested against."""
-    w = unpack_signs(signs, in_features, x.dtype)
-    if mask is not None:
-        w = w * unpack_mask(mask, in_features, x.dtype)
-    y = F.linear(x, w) * scale.to(x.dtype)
+    y = F.linear(x, unpack_weight(signs, mask, in_features, x.dtype)) * scale.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return ACTIVATIONS[activation](y)
@@ -225,9 +222,7 @@ def _backward(ctx, grad):
         with torch.enable_grad():
             z = binary_linear(x.detach(), signs, scale, bias, mask, ctx.in_features, "none").requires_grad_()
             (grad,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](z), z, grad)
-    w = unpack_signs(signs, ctx.in_features, grad.dtype)
-    if mask is not None:
-        w = w * unpack_mask(mask, ctx.in_features, grad.dtype)
+    w = unpack_weight(signs, mask, ctx.in_features, grad.dtype)
     return (grad.contiguous() * scale.to(grad.dtype)) @ w, None, None, None, None, None, None
 
 

@@ -99,17 +99,14 @@ def constants_graph(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphM
     return out, keep
 
 
-def _set_attr(root: nn.Module, path: str, value: torch.Tensor) -> None:
+def _set_attr(root: nn.Module, path: str, value: nn.Parameter) -> None:
     *owners, attr = path.split(".")
     module = root
     for part in owners:
         if not hasattr(module, part):
             module.add_module(part, nn.Module())
         module = getattr(module, part)
-    if isinstance(value, nn.Parameter):
-        module.register_parameter(attr, nn.Parameter(value.detach(), requires_grad=False))
-    else:
-        module.register_buffer(attr, value.detach())
+    module.register_parameter(attr, nn.Parameter(value.detach(), requires_grad=False))
 
 
 def _inner(name: str) -> Callable:

@@ -51,10 +51,15 @@ def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], -1)[:, :k].bool()
 
 
+# Bit i of byte b, least significant first. Built once; a per-dtype table is cut from it at each
+# call (2,048 elements). A cache of those tables would keep whatever tensors a tracer (Dynamo,
+# torch.export) handed it on the first call, so there is none.
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+
+
 def _byte_table(zero: float, one: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 8): row b holds bit i of byte b as `one`/`zero`, least significant bit first."""
-    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
-    return torch.where(bits.bool(), one, zero).to(dtype)
+    """(256, 8): row b holds bit i of byte b as `one`/`zero`."""
+    return torch.where(_BYTE_BITS.to(device), one, zero).to(dtype)
 
 
 def _unpack_values(words: torch.Tensor, k: int, zero: float, one: float, dtype: torch.dtype) -> torch.Tensor:
@@ -78,3 +83,9 @@ def unpack_signs(words: torch.Tensor, k: int, dtype: torch.dtype = torch.float32
 def unpack_mask(words: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Packed words → (N, k) 0/1 values of `dtype` (a ternary layer's non-zero mask)."""
     return _unpack_values(words, k, 0.0, 1.0, dtype)
+
+
+def unpack_weight(signs: torch.Tensor, mask: torch.Tensor | None, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, k) weight of a packed layer: ±1 from `signs`, times the non-zero `mask` if ternary."""
+    w = unpack_signs(signs, k, dtype)
+    return w if mask is None else w * unpack_mask(mask, k, dtype)

@@ -17,7 +17,8 @@
 * distill:    (optional) the substitutes trained inside the rewritten model against the
               original model's outputs
 * freeze:     substitutes with a separate inference form switch to it (binary: latent weights →
-              1-bit packed words); validation and the gate already measured that form
+              1-bit packed words, the same function as the training form in eval mode); the
+              gate timed that form and end_to_end measures the frozen model
 * export:     the rewritten graph as a torch.export program: what is saved and what `load` returns
 * end_to_end: the exported program against the user's original model
 
@@ -171,6 +172,8 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     with stage("freeze"):
         gm, frozen = freeze(gm, placed)
         accepted = [(site, frozen.get(site.key, module)) for site, module in accepted]
+        for site, module in accepted:  # what is saved: packed bits for binary
+            records[site.key].bytes_after = storage_bytes(module)
     program = None
     if export_program:
         with stage("export"):
@@ -216,7 +219,6 @@ def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[
         rec.build_seconds = round(time.perf_counter() - start, 4)
         rec.module_after = repr(module).replace("\n", " ")
         rec.params_after = param_count(module)
-        rec.bytes_after = storage_bytes(substitutes.deployable(module))
         rec.flops_after = flops(module, d.site.in_shape, d.site.out_shape)
         rec.reconstruction_error = getattr(module, "reconstruction_error", None)
         candidates.append((d.site, module))
@@ -262,6 +264,7 @@ def _record(d: Decision) -> SiteRecord:
     site, rule = d.site, d.rule
     before = param_count(site.module)
     dense = dense_flops(site.module, site.in_shape, site.out_shape)
+    stored = storage_bytes(site.module)
     return SiteRecord(
         name=site.name, key=site.key, op=site.op, form=site.form,
         rule=rule.name if rule else None, substitute=rule.substitute if rule else None,
@@ -269,7 +272,7 @@ def _record(d: Decision) -> SiteRecord:
         module_before=repr(site.module).replace("\n", " ") if site.form == "module" else f"{site.form} {site.op}",
         module_after="unchanged", params_before=before, params_after=before,
         flops_before=dense, flops_after=dense,
-        bytes_before=storage_bytes(site.module), bytes_after=storage_bytes(site.module),
+        bytes_before=stored, bytes_after=stored,
         tolerance=rule.tolerance.as_dict() if rule else {},
         require_speedup=rule.require_speedup if rule else None,
     )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -141,15 +142,12 @@ def _flatten_source(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return src if meta is not None and len(meta.shape) == 4 else None
 
 
-def _claimed(gm: fx.GraphModule, ruleset: rules_mod.RuleSet) -> dict[str, str | None]:
-    """Conv layer name → None where a rescale rule claims it, else the reason it does not."""
+def _claims(gm: fx.GraphModule, ruleset: rules_mod.RuleSet) -> dict[str, rules_mod.Rule | str]:
+    """Conv layer name → the rule that claims it, or the reason none does."""
     from .match import choose_rules, find_sites
 
-    out = {}
-    for d in choose_rules(find_sites(gm), ruleset):
-        if d.site.form == "module" and d.site.op in ("conv1d", "conv2d"):
-            out[d.site.name] = None if d.rule is not None else d.reason
-    return out
+    return {d.site.name: d.rule or d.reason for d in choose_rules(find_sites(gm), ruleset)
+            if d.site.form == "module" and d.site.op in ("conv1d", "conv2d")}
 
 
 def down(model: nn.Module, example_inputs: tuple, factor: float = 2.0,
@@ -158,10 +156,8 @@ def down(model: nn.Module, example_inputs: tuple, factor: float = 2.0,
     if not factor > 1:
         raise FxoptError(f"rescale: factor must be greater than 1, got {factor}")
     ruleset = rules_mod.load(rules)
-    params = ruleset.rules[0].param_dict if ruleset.rules else {}
-    min_kernel = params.get("min_kernel", 5)
     gm = _trace(model, example_inputs)
-    claimed = _claimed(gm, ruleset)
+    claims = _claims(gm, ruleset)
     small_inputs = [downsample_input(x, factor) for x in example_inputs]
     low = copy.deepcopy(gm)
     records = []
@@ -170,7 +166,7 @@ def down(model: nn.Module, example_inputs: tuple, factor: float = 2.0,
             continue
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.Conv2d):
-            records.append(_down_conv(low, node.target, module, factor, min_kernel, claimed.get(node.target, "no rule")))
+            records.append(_down_conv(low, node.target, module, factor, claims.get(node.target, "no rule")))
     # Linear layers after a flatten: their input size follows the feature map's new size.
     for node in low.graph.nodes:
         if node.op != "call_module" or not isinstance(low.get_submodule(node.target), nn.Linear):
@@ -219,12 +215,13 @@ def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
             "dilation": list(conv.dilation)}
 
 
-def _down_conv(low: fx.GraphModule, name: str, conv: nn.Conv2d, factor: float, min_kernel: int,
-               unclaimed: str | None) -> LayerRecord:
+def _down_conv(low: fx.GraphModule, name: str, conv: nn.Conv2d, factor: float,
+               claim: rules_mod.Rule | str) -> LayerRecord:
     rec = LayerRecord(name, "conv", "kept", before=_geometry(conv))
-    if unclaimed is not None:
-        rec.reason = unclaimed
+    if isinstance(claim, str):
+        rec.reason = claim
         return rec
+    min_kernel = claim.param_dict.get("min_kernel", 5)  # the claiming rule's own setting
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         rec.reason = f"padding {conv.padding!r}/{conv.padding_mode} is not rescaled"
         return rec
@@ -318,40 +315,35 @@ def check(model: nn.Module, low: Rescaled, example_inputs: tuple, seed: int = 0)
     """Fill each rescaled conv record's `error` (conv(↓x, ↓k) against ↓conv(x, k), smooth x, relative
     L2), and return the model-level errors on smooth inputs: the rescaled model on ↓x against the
     original on x (logits), and ↑(↓(model)) against the model."""
+    from .validate import Recorder
+
     gm = _trace(model, example_inputs)
     x = smooth_inputs(tuple(example_inputs[0].shape), seed)
-    inputs = {}
-
-    class Keep(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            inputs[target] = args[0]
-            return super().call_module(target, args, kwargs)
-
+    convs = [r for r in low.records if r.status == "rescaled" and r.kind == "conv"]
+    input_of = {n.target: n.args[0] for n in gm.graph.nodes if n.op == "call_module"}
     with torch.no_grad():
-        Keep(gm).run(x)
-        for rec in low.records:
-            if rec.status != "rescaled" or rec.kind != "conv":
-                continue
-            xin = inputs[rec.name]
+        recorder = Recorder(gm, {input_of[r.name] for r in convs})
+        recorder.run(x)
+        for rec in convs:
+            xin = recorder.values[input_of[rec.name]]
             ref = downsample_input(gm.get_submodule(rec.name)(xin), low.factor)
             out = low.model.get_submodule(rec.name)(downsample_input(xin, low.factor))
-            if out.shape != ref.shape:  # border rows differ by one when sizes do not divide
-                h, w = min(out.shape[2], ref.shape[2]), min(out.shape[3], ref.shape[3])
-                out, ref = out[..., :h, :w], ref[..., :h, :w]
             rec.error = _rel(out, ref)
         original = model(x)
         round_trip = up(low, like=model).eval()(x)
         at_low = low.model.eval()(downsample_input(x, low.factor))
-    if at_low.shape != original.shape and original.dim() == 4:  # a feature map: compare with ↓ of it
-        original_low = downsample_input(original, low.factor)
-        h, w = min(at_low.shape[2], original_low.shape[2]), min(at_low.shape[3], original_low.shape[3])
-        at_low, original_low = at_low[..., :h, :w], original_low[..., :h, :w]
-    else:
-        original_low = original
+    # a feature-map output is compared with ↓ of the original's
+    original_low = downsample_input(original, low.factor) if at_low.shape != original.shape and original.dim() == 4 \
+        else original
     return {"round_trip_rel_l2": _rel(round_trip, original), "low_resolution_rel_l2": _rel(at_low, original_low)}
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error; on feature maps whose borders differ by a row (sizes that do not divide),
+    over the common part."""
+    if out.dim() == 4 and out.shape != ref.shape:
+        h, w = min(out.shape[2], ref.shape[2]), min(out.shape[3], ref.shape[3])
+        out, ref = out[..., :h, :w], ref[..., :h, :w]
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
@@ -371,8 +363,6 @@ def schedule(model: nn.Module, example_inputs: tuple, factor: float, low_epochs:
     full resolution. `train_epoch(model, scale, epoch)` trains one epoch with inputs downsampled
     by `scale` (1.0 at full resolution; use `downsample_input`). Returns the trained
     full-resolution model and the time of each phase (rewrites included)."""
-    import time
-
     phases = []
     start = time.perf_counter()
     low = down(model, example_inputs, factor, rules)

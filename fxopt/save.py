@@ -44,6 +44,13 @@ def _json_safe(value):
     return value
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out`, on error it is removed."""
@@ -54,9 +61,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
     except OSError as exc:
         raise OutputError(f"{out}: cannot create output directory: {exc.strerror or exc}") from None
     try:
@@ -84,9 +89,7 @@ def write_text(path: str | Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should look like any other
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file should look like any other
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None

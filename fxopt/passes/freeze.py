@@ -1,8 +1,9 @@
 """The freeze pass: substitutes that train in one form and deploy in another switch to the
 deployable one (`substitutes.deployable`; binary: latent fp weights → 1-bit packed words).
 
-Validation and the gate already measured the deployable form's outputs and speed, and the
-training stages (layer-wise, distill) are over, so nothing downstream sees the training form.
+The deployable form computes what the training form computes in eval mode (which is what
+per-site validation measured); the gate timed the deployable form, end_to_end measures the
+frozen model, and the training stages (layer-wise, distill) are over.
 """
 
 from __future__ import annotations

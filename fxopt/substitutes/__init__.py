@@ -90,6 +90,21 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def one_of(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """`parse`, with YAML null (None) let through: "no such budget"."""
     return lambda value: None if value is None else parse(value)

@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxopt.bits import pack_bits, pack_signs, unpack_mask, unpack_signs
+from fxopt.bits import pack_bits, pack_signs, unpack_weight
 from fxopt.codegen.binary import ACTIVATIONS, binary_linear
 
-from . import Decline, Param, SubstituteSpec, optional, register
+from . import Decline, Param, SubstituteSpec, boolean, one_of, optional, register
 
 MODES = ("binary", "ternary")
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -178,13 +178,6 @@ class _Binary(nn.Module):
         q = straight_through(self.latent, self.quantized())
         return q * self.scale.view(-1, *[1] * (q.dim() - 1))
 
-    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
-        """The dense layer's count: the MACs remain, as additions and sign changes."""
-        k = math.prod(self.latent.shape[1:])
-        if isinstance(self, BinaryLinear):
-            return 2 * math.prod(input_shape[:-1]) * self.latent.shape[0] * k
-        return 2 * math.prod(output_shape) * k
-
     @torch.no_grad()
     def constrain_(self) -> None:
         """Clip the latent weights to [−1, 1]; call after each optimizer step (BinaryConnect)."""
@@ -226,6 +219,10 @@ class BinaryLinear(_Binary):
             y = F.linear(x, w)
         return y if self.bias is None else y + self.bias
 
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
+        """The dense layer's count: the MACs remain, as additions and sign changes."""
+        return 2 * math.prod(input_shape[:-1]) * self.out_features * self.in_features
+
     def packed(self) -> "PackedBinaryLinear":
         return PackedBinaryLinear(in_features=self.in_features, **self._frozen_tensors())
 
@@ -262,6 +259,10 @@ class BinaryConv(_Binary):
             return QuantizedBackprop.apply(x, w, self.backprop_bits, self._conv_args()) + _channel(self.bias, x)
         return _CONV[self.dims](x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
+        """The dense layer's count: each output element still sums (in/groups)·kernel terms."""
+        return 2 * math.prod(output_shape) * math.prod(self.latent.shape[1:])
+
     def packed(self) -> "PackedBinaryConv":
         return PackedBinaryConv(shape=tuple(self.latent.shape), conv=self._conv_args(), **self._frozen_tensors())
 
@@ -291,8 +292,7 @@ class _Packed(nn.Module):
         self.register_buffer("bias", bias)
 
     def _weight(self, k: int, dtype: torch.dtype) -> torch.Tensor:
-        w = unpack_signs(self.signs, k, dtype)
-        return w if self.mask is None else w * unpack_mask(self.mask, k, dtype)
+        return unpack_weight(self.signs, self.mask, k, dtype)
 
 
 class PackedBinaryLinear(_Packed):
@@ -377,20 +377,6 @@ def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     return BinaryConv.from_original(module, **kwargs)
 
 
-def _choice(options: tuple[str, ...]):
-    def parse(value: Any) -> str:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
-        return value
-    return parse
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
 def _open_unit(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"expected a number between 0 and 1 (exclusive), got {value!r}")
@@ -408,11 +394,11 @@ SPEC = register(SubstituteSpec(
     summary="W ≈ α·sign(W) per output channel (or ternary), saved 1 bit per weight (Lin et al. 1510.03009)",
     ops=("linear", "conv1d", "conv2d"),
     params=(
-        Param("mode", "binary (±α) or ternary (−α, 0, +α)", "binary", _choice(MODES)),
+        Param("mode", "binary (±α) or ternary (−α, 0, +α)", "binary", one_of(MODES)),
         Param("threshold", "ternary only: weights with |w| ≤ threshold·mean|w| of their channel become 0",
               0.7, _open_unit),
         Param("stochastic", "training: binarize stochastically (p(+1) = hard_sigmoid(w)); eval is always "
-              "deterministic", False, _boolean),
+              "deterministic", False, boolean),
         Param("backprop_bits", "training: exponent bits of the power-of-two quantized layer input in the weight "
               "gradient (null: exact)", None, optional(_bits)),
     ),
