@@ -282,6 +282,43 @@ def _dense_conv(op: str, w: torch.Tensor, b: torch.Tensor | None, args: dict) ->
     return module
 
 
+# --- what a site's output feeds -----------------------------------------------------------------
+
+CONSUMERS: dict[str, tuple[set, tuple[str, ...], tuple[type, ...]]] = {
+    # kind: (call_function targets, call_method names, module classes)
+    "softmax": ({F.softmax, torch.softmax, aten._softmax.default, aten.softmax.int}, ("softmax",), (nn.Softmax,)),
+    "log_softmax": ({F.log_softmax, torch.log_softmax, aten._log_softmax.default, aten.log_softmax.int},
+                    ("log_softmax",), (nn.LogSoftmax,)),
+    "argmax": ({torch.argmax, aten.argmax.default}, ("argmax",), ()),
+    "topk": ({torch.topk, aten.topk.default}, ("topk",), ()),
+    "cross_entropy": ({F.cross_entropy, aten.cross_entropy_loss.default}, (), (nn.CrossEntropyLoss,)),
+    "output": (set(), (), ()),
+}
+
+
+def consumer_kind(user: fx.Node) -> str | None:
+    """The CONSUMERS kind of a node that uses a site's output, or None."""
+    if user.op == "output":
+        return "output"
+    for kind, (functions, methods, modules) in CONSUMERS.items():
+        if user.op == "call_function" and user.target in functions or user.op == "call_method" and user.target in methods:
+            return kind
+        if user.op == "call_module" and modules and isinstance(user.graph.owning_module.get_submodule(user.target), modules):
+            return kind
+    return None
+
+
+def feeds_mismatch(site: Site, kinds: tuple[str, ...]) -> str | None:
+    """Why the site's output does not feed only consumers of these kinds, or None."""
+    users = list(site.output.users)
+    if not users:
+        return "its output is unused"
+    for user in users:
+        if consumer_kind(user) not in kinds:
+            return f"its output feeds {user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), not {'/'.join(kinds)}"
+    return None
+
+
 # --- choosing a rule per site ------------------------------------------------------------------
 
 @dataclass
@@ -309,6 +346,8 @@ def rule_mismatch(rule: Rule, site: Site, first: int, last: int) -> str | None:
         for value in values.get(key, ()):
             if (why := bound.reason(key, value)) is not None:
                 return why
+    if m.feeds and (why := feeds_mismatch(site, m.feeds)) is not None:
+        return why
     ex = m.exclude
     if ex.first and site.order == first:
         return "excluded: first layer"

@@ -121,8 +121,8 @@ def markdown(report: dict[str, Any]) -> str:
         "on the site's input shape.",
         "",
         "| site | op | rule | substitute | status | params | FLOPs | weight error | sqnr dB (init) | sqnr dB "
-        "| rel L2 | cosine | max abs | latency µs | speed-up | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rel L2 | cosine | max abs | recall@1 / @5 | latency µs | speed-up | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sites"]:
         err, init, lat = s["error"] or {}, s.get("error_init") or {}, s.get("latency")
@@ -132,11 +132,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"| `{s['key']}` | {s['op']} ({s['form']}) | {s['rule'] or '—'} | {s['substitute'] or '—'} | {s['status']} "
             f"| {fmt(s['params_before'])} → {fmt(s['params_after'])} | {fmt(s['flops_before'])} → {fmt(s['flops_after'])} "
             f"| {fmt(s['reconstruction_error'])} | {fmt(init.get('sqnr_db'))} | {fmt(err.get('sqnr_db'))} "
-            f"| {fmt(err.get('rel_l2'))} | {fmt(err.get('cosine'))} | {fmt(err.get('max_abs'))} | {latency} | {speed} "
+            f"| {fmt(err.get('rel_l2'))} | {fmt(err.get('cosine'))} | {fmt(err.get('max_abs'))} | {_recall(err)} "
+            f"| {latency} | {speed} "
             f"| {(s['reason'] or '').replace('|', '/')} |")
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|",
               *(f"| {s['name']} | {s['seconds']:.3f} |" for s in report["stages"]), ""]
     return "\n".join(lines)
+
+
+def _recall(err: dict[str, Any]) -> str:
+    """Recall of the dense top-1 / top-5 (sites of substitutes that compute only some outputs)."""
+    if "recall_at_1" not in err:
+        return "—"
+    return f"{fmt(err['recall_at_1'], 3)} / {fmt(err['recall_at_5'], 3)}"
 
 
 def _training_lines(report: dict[str, Any]) -> list[str]:
@@ -172,8 +180,8 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     notes = []
     for s in report["sites"]:
         err, init, lat = s["error"] or {}, s.get("error_init") or {}, s.get("latency")
-        sqnr = fmt(err.get("sqnr_db"), 3)
-        if init:
+        sqnr = fmt(err.get("sqnr_db"), 3) if "recall_at_1" not in err else f"recall@1 {_recall(err)}"
+        if init and "recall_at_1" not in err:
             sqnr = f"{fmt(init.get('sqnr_db'), 3)} → {sqnr}"
         status = f"[{STATUS_STYLE[s['status']]}]{s['status']}[/]"
         table.add_row(s["key"], f"{s['substitute']}: {status}" if s["substitute"] else status,

@@ -13,9 +13,10 @@ A rule file names which layers to rewrite and with what; it holds no code (DESIG
           in_features: {min: 64, divisible_by: 4}
           out_features: {min: 64}          # conv: in_channels, out_channels, kernel_size
           exclude: {first: true, last: true, name: ["head"]}
+          feeds: [softmax, output]         # every user of the output is one of these (see match.CONSUMERS)
         substitute: kron
         params: {compression: 8}
-        tolerance: {sqnr_db: 3.0}          # max_abs, rel_l2 (≤) · sqnr_db, cosine (≥)
+        tolerance: {sqnr_db: 3.0}          # max_abs, rel_l2 (≤) · sqnr_db, cosine, recall_at_1/5 (≥)
         require_speedup: 1.2               # keep only if the layer runs ≥ 1.2× faster (measured)
         priority: 0                        # highest wins when several rules match a site
     end_to_end: {top1_agreement: 0.9}      # whole-model check; --strict fails when violated
@@ -40,8 +41,11 @@ from .substitutes import OPS
 SCHEMA_VERSION = 1
 LINEAR_KEYS = ("in_features", "out_features")
 CONV_KEYS = ("in_channels", "out_channels", "kernel_size")
-METRICS = {"max_abs": "max", "rel_l2": "max", "sqnr_db": "min", "cosine": "min", "top1_agreement": "min"}
-SITE_METRICS = ("max_abs", "rel_l2", "sqnr_db", "cosine")  # top1_agreement is end to end only
+METRICS = {"max_abs": "max", "rel_l2": "max", "sqnr_db": "min", "cosine": "min", "top1_agreement": "min",
+           "recall_at_1": "min", "recall_at_5": "min"}
+# top1_agreement is end to end only; recall_at_k is per site, for substitutes that compute only some
+# outputs (wta_hash)
+SITE_METRICS = ("max_abs", "rel_l2", "sqnr_db", "cosine", "recall_at_1", "recall_at_5")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Match:
     name_regex: str | None = None
     shape: tuple[tuple[str, Bound], ...] = ()
     exclude: Exclude = Exclude()
+    feeds: tuple[str, ...] = ()  # consumer kinds (match.CONSUMERS); empty: any
 
 
 @dataclass(frozen=True)
@@ -90,12 +95,17 @@ class Tolerance:
     sqnr_db: float | None = None
     cosine: float | None = None
     top1_agreement: float | None = None
+    recall_at_1: float | None = None
+    recall_at_5: float | None = None
 
     def violations(self, error: dict[str, float | None]) -> list[str]:
         out = []
         for metric, kind in METRICS.items():
             limit, value = getattr(self, metric), error.get(metric)
             if limit is None:
+                continue
+            if metric not in error:  # not measurable here (e.g. SQNR of outputs filled with −inf)
+                out.append(f"{metric} not measured (needs {' or '.join(_MEASURED_BY[metric])})")
                 continue
             if value is None:  # sqnr of an exact match is None (infinite): passes a minimum
                 continue
@@ -106,6 +116,12 @@ class Tolerance:
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in METRICS if getattr(self, k) is not None}
+
+
+_MEASURED_BY = {m: ("outputs without a −inf fill",) for m in ("max_abs", "rel_l2", "sqnr_db", "cosine")} | {
+    "top1_agreement": ("a classifier-shaped output (N × C)",),
+    "recall_at_1": ("a substitute that computes only some outputs (wta_hash)",),
+    "recall_at_5": ("a substitute that computes only some outputs (wta_hash)",)}
 
 
 @dataclass(frozen=True)
@@ -213,7 +229,7 @@ def _exclude(r: _Reader, node: yaml.Node) -> Exclude:
 
 
 def _match(r: _Reader, node: yaml.Node) -> Match:
-    allowed = ("op", "module_type", "name", "name_regex", "exclude") + LINEAR_KEYS + CONV_KEYS
+    allowed = ("op", "module_type", "name", "name_regex", "exclude", "feeds") + LINEAR_KEYS + CONV_KEYS
     fields = r.mapping(node, "match", allowed)
     ops = OPS
     if "op" in fields:
@@ -235,7 +251,18 @@ def _match(r: _Reader, node: yaml.Node) -> Match:
         name_regex=r.regex(fields["name_regex"][1], "match.name_regex") if "name_regex" in fields else None,
         shape=tuple(shape),
         exclude=_exclude(r, fields["exclude"][1]) if "exclude" in fields else Exclude(),
+        feeds=_feeds(r, fields["feeds"][1]) if "feeds" in fields else (),
     )
+
+
+def _feeds(r: _Reader, node: yaml.Node) -> tuple[str, ...]:
+    from .match import CONSUMERS
+
+    kinds = r.strings(node, "match.feeds")
+    for kind in kinds:
+        if kind not in CONSUMERS:
+            raise r.fail(node, f"unknown consumer {kind!r} in match.feeds (known: {', '.join(CONSUMERS)})")
+    return kinds
 
 
 def _tolerance(r: _Reader, node: yaml.Node, what: str, metrics: tuple[str, ...]) -> Tolerance:
@@ -243,7 +270,7 @@ def _tolerance(r: _Reader, node: yaml.Node, what: str, metrics: tuple[str, ...])
     values = {k: r.scalar(v, f"{what}.{k}", float) for k, (_, v) in fields.items()}
     for k, (_, v) in fields.items():
         if k in ("max_abs", "rel_l2") and values[k] < 0 or k == "cosine" and not -1 <= values[k] <= 1 \
-                or k == "top1_agreement" and not 0 <= values[k] <= 1:
+                or k in ("top1_agreement", "recall_at_1", "recall_at_5") and not 0 <= values[k] <= 1:
             raise r.fail(v, f"{what}.{k} out of range: {values[k]:g}")
     return Tolerance(**values)
 

@@ -11,6 +11,18 @@ inputs, then calibration batches) in float64:
     sqnr_db   10·log10(‖ref‖² / ‖ref − out‖²)   (None when the outputs are identical: infinite)
     cosine    ⟨ref, out⟩ / (‖ref‖·‖out‖)
     top1_agreement   share of rows whose argmax agrees (classifier-shaped outputs: N × C, C ≥ 2)
+
+A substitute that computes only some outputs exactly and fills the others (`wta_hash`: the
+candidate rows, −inf elsewhere; it says so with `validated_by = "recall"`) is measured by what it
+promises instead (`RecallStats`):
+
+    recall_at_1      share of inputs whose dense top-1 output is among the outputs computed exactly
+    recall_at_5      share of the dense top-5 outputs computed exactly, averaged over inputs
+    computed_share   share of all outputs computed exactly
+
+End to end, outputs filled with −inf where the original's are finite have no meaningful SQNR or
+relative error: those metrics are left out (a tolerance on them is then violated, never passed
+silently) and top-1 agreement is still measured. NaN anywhere is a failure.
 """
 
 from __future__ import annotations
@@ -33,36 +45,75 @@ class ErrorStats:
         self.ref_sq = self.out_sq = self.diff_sq = self.dot = 0.0
         self.max_abs = 0.0
         self.agree = self.rows = 0
-        self.nonfinite = False
+        self.nonfinite = False  # NaN or ±inf where the reference is finite (but not the −inf fill below)
+        self.filled = False  # −inf where the reference is finite: outputs a sparse substitute did not compute
 
     def update(self, ref: torch.Tensor, out: torch.Tensor, classifier: bool = False) -> None:
         if ref.shape != out.shape:
             raise ValueError(f"shape mismatch: reference {tuple(ref.shape)} vs {tuple(out.shape)}")
         r, o = ref.detach().double(), out.detach().double()
-        if not torch.isfinite(o).all() and torch.isfinite(r).all():
-            self.nonfinite = True
+        if classifier:
+            self.agree += (r.argmax(-1) == o.argmax(-1)).sum().item()
+            self.rows += r.shape[0]
+        bad = ~torch.isfinite(o) & torch.isfinite(r)
+        if bad.any():
+            filled = bad & (o == -math.inf)
+            self.filled |= bool(filled.any())
+            self.nonfinite |= bool((bad & ~filled).any())
+            return
         d = r - o
         self.ref_sq += r.square().sum().item()
         self.out_sq += o.square().sum().item()
         self.diff_sq += d.square().sum().item()
         self.dot += (r * o).sum().item()
         self.max_abs = max(self.max_abs, d.abs().max().item() if d.numel() else 0.0)
-        if classifier:
-            self.agree += (r.argmax(-1) == o.argmax(-1)).sum().item()
-            self.rows += r.shape[0]
 
     def metrics(self) -> dict[str, float | None]:
+        top1 = {"top1_agreement": self.agree / self.rows} if self.rows else {}
         if self.nonfinite:
             nan = float("nan")
             return {"max_abs": nan, "rel_l2": nan, "sqnr_db": nan, "cosine": nan}
+        if self.filled:
+            return top1
         rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else (0.0 if self.diff_sq == 0 else math.inf)
         sqnr = None if self.diff_sq == 0 else (10 * math.log10(self.ref_sq / self.diff_sq) if self.ref_sq > 0 else -math.inf)
         norms = math.sqrt(self.ref_sq * self.out_sq)
         cosine = self.dot / norms if norms > 0 else (1.0 if self.diff_sq == 0 else 0.0)
-        out = {"max_abs": self.max_abs, "rel_l2": rel, "sqnr_db": sqnr, "cosine": cosine}
-        if self.rows:
-            out["top1_agreement"] = self.agree / self.rows
-        return out
+        return {"max_abs": self.max_abs, "rel_l2": rel, "sqnr_db": sqnr, "cosine": cosine} | top1
+
+
+class RecallStats:
+    """Recall of the dense top-1 and top-5 outputs among those a sparse substitute computed, over
+    many tensors (..., C). An output counts as computed where it equals the reference's (to fp32
+    rounding of a reordered sum), so no knowledge of the fill value is needed."""
+
+    def __init__(self):
+        self.inputs = self.hit1 = 0
+        self.hit5 = self.computed = self.outputs = 0.0
+        self.nonfinite = False
+
+    def update(self, ref: torch.Tensor, out: torch.Tensor, classifier: bool = False) -> None:
+        if ref.shape != out.shape:
+            raise ValueError(f"shape mismatch: reference {tuple(ref.shape)} vs {tuple(out.shape)}")
+        r, o = ref.detach().reshape(-1, ref.shape[-1]).float(), out.detach().reshape(-1, ref.shape[-1]).float()
+        self.nonfinite |= bool(o.isnan().any() or (o == math.inf).any())
+        hit = torch.isclose(o, r, rtol=1e-4, atol=1e-5 * max(1.0, r.abs().max().item()))
+        top = r.topk(min(5, r.shape[1]), dim=1).indices
+        self.hit1 += hit.gather(1, top[:, :1]).sum().item()
+        self.hit5 += hit.gather(1, top).float().mean(1).sum().item()
+        self.computed += hit.float().mean(1).sum().item()
+        self.inputs += r.shape[0]
+
+    def metrics(self) -> dict[str, float | None]:
+        if self.nonfinite:
+            return {"recall_at_1": float("nan"), "recall_at_5": float("nan"), "computed_share": float("nan")}
+        n = max(self.inputs, 1)
+        return {"recall_at_1": self.hit1 / n, "recall_at_5": self.hit5 / n, "computed_share": self.computed / n}
+
+
+def stats_for(module: nn.Module) -> ErrorStats | RecallStats:
+    """The statistics that fit a substitute (DESIGN principle 6)."""
+    return RecallStats() if getattr(module, "validated_by", None) == "recall" else ErrorStats()
 
 
 class Recorder(fx.Interpreter):
@@ -83,7 +134,7 @@ class Recorder(fx.Interpreter):
 def site_errors(gm: fx.GraphModule, pairs: Sequence[tuple[Site, nn.Module]],
                 batches: Iterable[tuple]) -> dict[str, dict[str, float | None]]:
     """Per-site error of each substitute against the original layer, on identical inputs."""
-    stats = {site.key: ErrorStats() for site, _ in pairs}
+    stats = {site.key: stats_for(module) for site, module in pairs}
     failed: dict[str, str] = {}
     keep = {n for site, _ in pairs for n in (site.input, site.output)}
     for batch in batches:

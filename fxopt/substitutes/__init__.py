@@ -90,6 +90,12 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected an integer ≥ 0, got {value!r}")
+    return value
+
+
 def one_of(options: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in options:
@@ -159,3 +165,4 @@ from . import separable  # noqa: E402,F401
 from . import bottleneck  # noqa: E402,F401
 from . import binary  # noqa: E402,F401
 from . import rescale  # noqa: E402,F401
+from . import wta_hash  # noqa: E402,F401

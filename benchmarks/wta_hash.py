@@ -1,0 +1,197 @@
+"""WTA-hashed output layer against the dense layer, in the same run (Bakhtiary et al., arXiv 1504.07488).
+
+Extreme-classification shape: hidden 512, 100k and 500k classes. Data: the class-prototype
+generator of `examples/xc.py` (unit rows in families of 100 that share a direction; an input is
+its class's prototype plus noise, cosine ≈ 0.8 to it). For each class count:
+
+* inference (eval, no grad) at batch 1 and 16: the dense `nn.Linear` (eager and `torch.compile`)
+  against the hashed layer's forward, which returns the full (N, C) output (candidates exact,
+  −inf elsewhere);
+* recall@1 / recall@5: share of 2,048 fresh inputs whose dense top-1 (top-5) class is in the
+  candidate set, for the layer built from the prototype head (a stand-in for a trained head);
+* the full training step at batch 128: dense = forward, cross-entropy, backward, SGD step;
+  hashed = hashing, lookup, sampled softmax over candidates ∪ labels, sparse backward, SGD step
+  on sparse rows, and the table rebuilds every `rebuild_every` steps, timed over whole rebuild
+  periods so their cost is counted (mean per step, both ways);
+* (100k only, `--train-steps`) accuracy after training both ways from the same initialisation,
+  on the same batches, for the same number of steps.
+
+    python benchmarks/wta_hash.py --out benchmarks/results/wta_hash_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_info, time_variants  # noqa: E402
+
+from fxopt.substitutes.wta_hash import WTAHashedLinear, sampled_softmax_loss  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("xc_example", ROOT / "examples" / "xc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _hash_params(args) -> dict:
+    return {"k": args.k, "num_hashes": args.num_hashes, "bands": args.bands, "candidates": args.candidates,
+            "rebuild_every": args.rebuild_every}
+
+
+def inference(dense: nn.Linear, hashed: WTAHashedLinear, x: torch.Tensor, batches, rounds: int) -> dict:
+    compiled = torch.compile(dense)
+    out = {}
+    for b in batches:
+        xb = x[:b]
+        t = time_variants({"dense": dense, "compiled": compiled, "wta": hashed}, (xb,), rounds=rounds, min_run_time=0.3)
+        out[f"batch_{b}"] = {"dense_ms": t["dense"] * 1e3, "compiled_ms": t["compiled"] * 1e3, "wta_ms": t["wta"] * 1e3,
+                             "speedup_vs_dense": t["dense"] / t["wta"], "speedup_vs_compiled": t["compiled"] / t["wta"]}
+    return out
+
+
+@torch.no_grad()
+def recall(dense: nn.Linear, hashed: WTAHashedLinear, x: torch.Tensor) -> dict:
+    top = dense(x).topk(5, dim=1).indices
+    rows, valid = hashed.select(x)
+    hit = (rows[:, None, :] == top[:, :, None]) & valid[:, None, :]
+    found = hit.any(-1)
+    return {"recall_at_1": found[:, 0].float().mean().item(), "recall_at_5": found.float().mean().item(),
+            "inputs": x.shape[0]}
+
+
+def step_times(init: nn.Linear, params: dict, data, steps: int, lr: float) -> dict:
+    """Mean seconds per training step, dense and hashed, over the same batches."""
+    dense = copy.deepcopy(init)
+    hashed = WTAHashedLinear.from_original(init, **params).train()
+    opt_d = torch.optim.SGD(dense.parameters(), lr=lr)
+    opt_h = torch.optim.SGD(hashed.parameters(), lr=lr)
+
+    def dense_step(x, y):
+        opt_d.zero_grad(set_to_none=True)
+        F.cross_entropy(dense(x), y).backward()
+        opt_d.step()
+
+    def hashed_step(x, y):
+        opt_h.zero_grad(set_to_none=True)
+        sampled_softmax_loss(hashed, x, y).backward()
+        opt_h.step()
+
+    result = {}
+    for name, fn, n in (("dense", dense_step, max(3, steps // 10)), ("wta", hashed_step, steps)):
+        for x, y in data[:2]:  # warm-up
+            fn(x, y)
+        if name == "wta":  # start the timed window at a rebuild period's start
+            hashed._steps = 0
+        start = time.perf_counter()
+        for i in range(n):
+            fn(*data[i % len(data)])
+        result[f"{name}_step_ms"] = (time.perf_counter() - start) / n * 1e3
+        result[f"{name}_steps_timed"] = n
+    result["wta_rebuilds_in_window"] = steps // params["rebuild_every"]
+    result["speedup"] = result["dense_step_ms"] / result["wta_step_ms"]
+    return result
+
+
+def train_accuracy(init: nn.Linear, params: dict, ex, protos, steps: int, batch: int, lr: float) -> dict:
+    dense = copy.deepcopy(init)
+    hashed = WTAHashedLinear.from_original(init, **params).train()
+    opt_d = torch.optim.SGD(dense.parameters(), lr=lr)
+    opt_h = torch.optim.SGD(hashed.parameters(), lr=lr)
+    seconds = {"dense": 0.0, "wta": 0.0}
+    for s in range(steps):
+        x, y = ex.samples(protos, batch, seed=10_000 + s)
+        t = time.perf_counter()
+        opt_d.zero_grad(set_to_none=True)
+        F.cross_entropy(dense(x), y).backward()
+        opt_d.step()
+        seconds["dense"] += time.perf_counter() - t
+        t = time.perf_counter()
+        opt_h.zero_grad(set_to_none=True)
+        sampled_softmax_loss(hashed, x, y).backward()
+        opt_h.step()
+        seconds["wta"] += time.perf_counter() - t
+    x, y = ex.samples(protos, 4096, seed=99)
+    with torch.no_grad():
+        hashed.eval()
+        acc_d = (dense(x).argmax(1) == y).float().mean().item()
+        acc_h = (hashed(x).argmax(1) == y).float().mean().item()
+        rec = (hashed(x).argmax(1) == F.linear(x, hashed.weight, hashed.bias).argmax(1)).float().mean().item()
+    return {"steps": steps, "batch": batch, "lr": lr, "dense_accuracy": acc_d, "wta_accuracy": acc_h,
+            "gap_points": (acc_d - acc_h) * 100, "wta_recall_of_own_dense_argmax": rec,
+            "dense_seconds": seconds["dense"], "wta_seconds": seconds["wta"]}
+
+
+def run_size(classes: int, args, ex) -> dict:
+    torch.manual_seed(0)
+    protos = ex.prototypes(classes, args.hidden, seed=0)
+    head = nn.Linear(args.hidden, classes)
+    with torch.no_grad():
+        head.weight.copy_(protos * 8)
+        head.bias.zero_()
+    params = _hash_params(args)
+    start = time.perf_counter()
+    hashed = WTAHashedLinear.from_original(head, **params).eval()
+    row = {"classes": classes, "hidden": args.hidden, "params": params,
+           "table_build_s": time.perf_counter() - start}
+    x, _ = ex.samples(protos, 2048, seed=1)
+    row["recall"] = recall(head, hashed, x)
+    row["inference"] = inference(head.eval(), hashed, x, (1, 16), args.rounds)
+    del hashed
+    init = nn.Linear(args.hidden, classes)  # training starts from nn.Linear's initialisation
+    data = [ex.samples(protos, args.batch, seed=100 + i) for i in range(8)]
+    row["train_step"] = step_times(init, params, data, args.timed_steps, args.lr)
+    row["train_step"]["batch"] = args.batch
+    if classes in args.train_classes:
+        row["training"] = train_accuracy(init, params, ex, protos, args.train_steps, args.batch, args.lr)
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--classes", type=int, nargs="+", default=[100_000, 500_000])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--num-hashes", type=int, default=320)
+    p.add_argument("--bands", type=int, default=64)
+    p.add_argument("--candidates", type=int, default=128)
+    p.add_argument("--rebuild-every", type=int, default=50)
+    p.add_argument("--timed-steps", type=int, default=100, help="hashed steps timed (dense: a tenth)")
+    p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--train-classes", type=int, nargs="*", default=[100_000])
+    p.add_argument("--lr", type=float, default=20.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    ex = _example()
+    rows = [run_size(c, args, ex) for c in args.classes]
+    result = {"run": run_info(), "data": {"generator": "examples/xc.py", "spread": ex.SPREAD, "noise": ex.NOISE,
+                                          "family": ex.FAMILY}, "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for r in rows:
+        inf = r["inference"]
+        print(f"{r['classes']:>7} classes: recall@1 {r['recall']['recall_at_1']:.3f}  train step "
+              f"{r['train_step']['speedup']:.2f}×  inference b1 {inf['batch_1']['speedup_vs_dense']:.2f}× "
+              f"b16 {inf['batch_16']['speedup_vs_dense']:.2f}×  (vs compiled b1 {inf['batch_1']['speedup_vs_compiled']:.2f}×)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""WTA-hashed output layers (Bakhtiary, Lapedriza & Masip, "Speeding Up Neural Networks for Large
+Scale Classification using WTA Hashing", arXiv 1504.07488), the `wta_hash` substitute.
+
+A linear layer with very many outputs (classes) computes, for each input, only the outputs that
+can win: Winner-Takes-All hash codes of the input and of every weight row (fxopt.wta) select a
+candidate set of rows, those sharing the most hash bands with the input, up to `candidates` per
+input. Their logits are exact (x · w_c + b_c); every other output gets `fill` (−inf by default, so
+a softmax gives it probability 0 and argmax never picks it). Cost per input: hashing (L·K
+compares), the lookup, and c·D multiply-adds instead of C·D.
+
+Training touches only candidate rows: `sampled_softmax_loss` scores the candidates plus the true
+labels, and the weight and bias gradients are sparse, one row per (input, candidate)
+(`fxopt::gathered_linear`), for `torch.optim.SGD` or `torch.optim.SparseAdam`; never a dense
+(C, D) gradient. The hash tables follow the weights: every `rebuild_every` training steps the rows
+touched since the last rebuild are rehashed and the tables rebuilt (that cost lands in the training
+step that triggers it, so timing a run counts it); in eval mode any change of the weights since the
+last build (an optimizer step, `load_state_dict`) triggers a full rebuild before the next forward.
+
+`exact = True` (or `exact(model)`, a context manager) computes the dense layer instead: the
+reference to compare against. With `candidates ≥ out_features` every row is a candidate and the
+layer equals the dense one (forward and gradients, to float rounding). An input that shares no band
+with any row is computed densely rather than returned as all-`fill` (`fxopt::dense_fallback`).
+
+    >>> head = WTAHashedLinear.from_original(nn.Linear(512, 100_000), k=8, num_hashes=128, bands=32,
+    ...                                       candidates=128)            # doctest: +SKIP
+    >>> loss = sampled_softmax_loss(head, hidden, labels)                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt.codegen.registry import wants_triton
+from fxopt.codegen.wta_hash import band_tables, dense_fallback, gathered_linear, wta_codes, wta_select
+from fxopt.wta import MAX_BUCKETS, WTAHash, band_keys
+
+from . import Decline, Param, SubstituteSpec, non_negative_int, optional, positive_int, register
+
+
+class WTAHashedLinear(nn.Module):
+    """A linear layer that computes only the outputs whose WTA hash bands collide with the input's."""
+
+    validated_by = "recall"  # fxopt.validate: recall of the dense top-k, not SQNR (the rest is `fill`)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int = 8, num_hashes: int = 128,
+                 bands: int = 32, candidates: int = 128, bucket_cap: int | None = 256, rebuild_every: int = 50,
+                 fill: float = -math.inf, seed: int = 0, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        h = WTAHash(in_features, k, num_hashes, bands, seed)
+        self.k, self.num_hashes, self.bands, self.seed, self.buckets = k, num_hashes, bands, seed, h.buckets
+        self.candidates, self.bucket_cap, self.rebuild_every, self.fill = candidates, bucket_cap, rebuild_every, fill
+        self.exact = False
+        self.rebuilds = 0
+        # Derived from the weights and the seed, so not saved in a state_dict; the tables are
+        # buffers so that they move with .to() and are captured by torch.export.
+        buffer = lambda name, t: self.register_buffer(name, t, persistent=False)  # noqa: E731
+        buffer("windows", h.windows.to(device))
+        buffer("powers", h.powers.to(device))
+        buffer("row_keys", torch.zeros(out_features, bands, dtype=torch.int32, device=device))
+        buffer("order", torch.zeros(0, dtype=torch.int32, device=device))
+        buffer("starts", torch.zeros(0, dtype=torch.long, device=device))
+        buffer("dirty", torch.zeros(out_features, dtype=torch.bool, device=device))
+        self._steps = 0
+        self._version = None  # weight._version when the tables were last built
+
+    @classmethod
+    def from_original(cls, linear: nn.Linear, **params: Any) -> "WTAHashedLinear":
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
+                    **params)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.rebuild()
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, k={self.k}, "
+                f"num_hashes={self.num_hashes}, bands={self.bands}, candidates={self.candidates}")
+
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
+        """c·D multiply-adds per input for the candidates (hashing and the lookup are compares and
+        reads, not counted, as DESIGN's FLOPs count only matmuls)."""
+        inputs = math.prod(input_shape[:-1])
+        return 2 * inputs * min(self.candidates, self.out_features) * self.in_features
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, bands) bucket keys of the rows of x (N, in_features)."""
+        return band_keys(wta_codes(x, self.windows), self.powers)
+
+    # --- tables ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rebuild(self, full: bool = True) -> None:
+        """Rehash the rows (all, or those touched by training since the last rebuild) and rebuild
+        the tables."""
+        w = self.weight.detach()
+        if full or self._version is None:
+            self.row_keys.copy_(self.keys(w))
+        else:
+            rows = self.dirty.nonzero().squeeze(1)
+            if rows.numel():
+                self.row_keys[rows] = self.keys(w[rows]).to(torch.int32)
+        if not wants_triton(w):  # a GPU counts collisions densely and needs no tables
+            self.order, self.starts = band_tables(self.row_keys, self.buckets)
+        self.dirty.zero_()
+        self._steps, self._version = 0, self.weight._version
+        self.rebuilds += 1
+
+    def _refresh(self, training: bool) -> None:
+        """The schedule: rehash what training touched every `rebuild_every` steps; in eval, rebuild
+        everything when the weights changed since the last build."""
+        if _tracing():
+            return  # a traced graph uses the tables as they are
+        if training:
+            if self._steps >= self.rebuild_every:
+                self.rebuild(full=False)
+            self._steps += 1
+        elif self.weight._version != self._version:
+            self.rebuild()
+
+    def _touch(self, rows: torch.Tensor) -> None:
+        """These rows get gradients: rehash them at the next scheduled rebuild."""
+        if not _tracing():
+            self.dirty[rows.reshape(-1)] = True
+
+    # --- candidates and logits -------------------------------------------------------------------
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate rows of each input row of x (N, in_features): `rows` (N, c) int64, best first,
+        and `valid` (N, c) bool (an input with fewer candidates has an invalid tail)."""
+        self._refresh(self.training and torch.is_grad_enabled())
+        n, c = x.shape[0], self.out_features
+        if self.candidates >= c:  # every row: the layer is the dense one
+            rows = torch.arange(c, device=x.device).expand(n, c)
+            return rows, torch.ones(n, c, dtype=torch.bool, device=x.device)
+        return wta_select(self.keys(x.detach()), self.row_keys, self.order, self.starts, self.buckets,
+                          self.candidates, self.bucket_cap)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        rows, valid = self.select(x2)
+        if self.training and torch.is_grad_enabled():
+            self._touch(rows[valid])
+        logits = gathered_linear(x2, self.weight, self.bias, rows)
+        c = self.out_features
+        # Invalid entries go to a sink column that is cut off, so no output is written twice.
+        out = torch.scatter(x2.new_full((x2.shape[0], c + 1), self.fill), 1, rows.masked_fill(~valid, c), logits)
+        out, missing = out[:, :c], ~valid[:, 0]
+        if _tracing() or missing.any():  # eager skips the op (and its copy of the output) when it has nothing to do
+            out = dense_fallback(out, x2, self.weight, self.bias, missing)
+        return out.reshape(*x.shape[:-1], c)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def sampled_softmax_loss(layer: WTAHashedLinear, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over each input's candidate rows and its true label (the sampled softmax the
+    paper trains with): equals `F.cross_entropy(layer(x), target)` where the label is a candidate,
+    and scores the label against the candidates where it is not. Mean over the inputs."""
+    x2, target = x.reshape(-1, layer.in_features), target.reshape(-1)
+    if layer.exact:
+        return F.cross_entropy(F.linear(x2, layer.weight, layer.bias), target)
+    rows, valid = layer.select(x2)
+    rows = torch.cat([target[:, None], rows], 1)
+    keep = torch.cat([torch.ones_like(valid[:, :1]), valid & (rows[:, 1:] != target[:, None])], 1)
+    if layer.training and torch.is_grad_enabled():
+        layer._touch(rows[keep])
+    logits = gathered_linear(x2, layer.weight, layer.bias, rows).masked_fill(~keep, -math.inf)
+    return F.cross_entropy(logits, torch.zeros_like(target))
+
+
+@contextmanager
+def exact(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Every WTA-hashed layer of `model` computes its dense outputs inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, WTAHashedLinear)]
+    before = [m.exact for m in layers]
+    for m in layers:
+        m.exact = on
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before):
+            m.exact = was
+
+
+# --- the substitute spec -----------------------------------------------------------------------
+
+def _fill(value: Any) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("-inf", "-.inf"):
+        return -math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"expected a number or -inf, got {value!r}")
+    return float(value)
+
+
+def _window(value: Any) -> int:
+    value = positive_int(value)
+    if value < 2:
+        raise ValueError(f"expected a WTA window of at least 2, got {value}")
+    return value
+
+
+def _check(given: Mapping[str, Any]) -> None:
+    k, hashes, bands = given.get("k", 8), given.get("num_hashes", 128), given.get("bands", 32)
+    if hashes % bands:
+        raise ValueError(f"num_hashes={hashes} is not a multiple of bands={bands}")
+    if k ** (hashes // bands) > MAX_BUCKETS:
+        raise ValueError(f"k^(num_hashes/bands) = {k}^{hashes // bands} buckets per band is over {MAX_BUCKETS}; "
+                         "use more bands or a smaller k")
+
+
+def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
+    if not isinstance(module, nn.Linear):
+        raise Decline(f"{type(module).__name__} is not a linear layer")
+    if params["candidates"] * 4 > module.out_features:
+        raise Decline(f"candidates={params['candidates']} is over a quarter of out_features={module.out_features}: "
+                      "no saving to be had")
+    if params["k"] > module.in_features:
+        raise Decline(f"WTA window k={params['k']} is wider than in_features={module.in_features}")
+    return WTAHashedLinear.from_original(module, **params)
+
+
+register(SubstituteSpec(
+    name="wta_hash",
+    summary="WTA-hashed output layer: only the rows whose hash bands collide with the input are computed",
+    ops=("linear",),
+    params=(
+        Param("k", "WTA window: each code is the argmax of k permuted coordinates", 8, _window),
+        Param("num_hashes", "WTA codes per vector (L)", 128, positive_int),
+        Param("bands", "LSH bands; each band is num_hashes/bands codes, k^(num_hashes/bands) buckets", 32, positive_int),
+        Param("candidates", "rows computed per input: those sharing the most bands", 128, positive_int),
+        Param("bucket_cap", "rows read from one bucket at most (null: all)", 256, optional(positive_int)),
+        Param("rebuild_every", "training steps between table rebuilds", 50, positive_int),
+        Param("fill", "value of the outputs not computed (-inf for softmax/argmax)", -math.inf, _fill),
+        Param("seed", "seed of the hash permutations", 0, non_negative_int),
+    ),
+    build=_build,
+    check=_check,
+))
