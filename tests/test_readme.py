@@ -35,3 +35,11 @@ def test_every_shipped_rule_set_named_in_a_command_exists_and_has_a_section():
     assert named and named <= set(rules.shipped()), named - set(rules.shipped())
     for name in rules.shipped():
         assert f"### `{name}`" in README, f"no README section for the shipped rule set {name}"
+
+
+def test_wta_hash_training_snippet_runs():
+    snippet = re.search(r"Training touches only candidate rows.*?```python\n(.*?)```", README, re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["head"].weight.grad.layout == torch.sparse_coo
+    assert namespace["dense_logits"].shape == (128, 100_000)
