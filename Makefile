@@ -34,4 +34,5 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/binary_digits.py --seeds 0 1 2 3 4 --out benchmarks/results/binary_digits_cpu.json
 	$(BIN)/python benchmarks/rescale_cnn.py --seeds 0 1 --out benchmarks/results/rescale_cnn_cpu.json
 	$(BIN)/python benchmarks/backend.py --out benchmarks/results/backend_cpu.json
+	$(BIN)/python benchmarks/wta_hash.py --out benchmarks/results/wta_hash_cpu.json
 	$(BIN)/python benchmarks/render.py > BENCHMARKS.md

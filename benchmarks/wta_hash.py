@@ -181,7 +181,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     ex = _example()
     rows = [run_size(c, args, ex) for c in args.classes]
-    result = {"run": run_info(), "data": {"generator": "examples/xc.py", "spread": ex.SPREAD, "noise": ex.NOISE,
+    result = {**run_info(), "data": {"generator": "examples/xc.py", "spread": ex.SPREAD, "noise": ex.NOISE,
                                           "family": ex.FAMILY}, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
