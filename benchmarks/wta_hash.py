@@ -74,29 +74,36 @@ def recall(dense: nn.Linear, hashed: WTAHashedLinear, x: torch.Tensor) -> dict:
             "inputs": x.shape[0]}
 
 
+class Trainers:
+    """The dense layer and the hashed layer from the same initialisation, each with its SGD step
+    (dense: full cross-entropy; hashed: sampled softmax, sparse rows)."""
+
+    def __init__(self, init: nn.Linear, params: dict, lr: float):
+        self.dense = copy.deepcopy(init)
+        self.hashed = WTAHashedLinear.from_original(init, **params).train()
+        self._opt_d = torch.optim.SGD(self.dense.parameters(), lr=lr)
+        self._opt_h = torch.optim.SGD(self.hashed.parameters(), lr=lr)
+
+    def dense_step(self, x, y):
+        self._opt_d.zero_grad(set_to_none=True)
+        F.cross_entropy(self.dense(x), y).backward()
+        self._opt_d.step()
+
+    def hashed_step(self, x, y):
+        self._opt_h.zero_grad(set_to_none=True)
+        sampled_softmax_loss(self.hashed, x, y).backward()
+        self._opt_h.step()
+
+
 def step_times(init: nn.Linear, params: dict, data, steps: int, lr: float) -> dict:
     """Mean seconds per training step, dense and hashed, over the same batches."""
-    dense = copy.deepcopy(init)
-    hashed = WTAHashedLinear.from_original(init, **params).train()
-    opt_d = torch.optim.SGD(dense.parameters(), lr=lr)
-    opt_h = torch.optim.SGD(hashed.parameters(), lr=lr)
-
-    def dense_step(x, y):
-        opt_d.zero_grad(set_to_none=True)
-        F.cross_entropy(dense(x), y).backward()
-        opt_d.step()
-
-    def hashed_step(x, y):
-        opt_h.zero_grad(set_to_none=True)
-        sampled_softmax_loss(hashed, x, y).backward()
-        opt_h.step()
-
+    t = Trainers(init, params, lr)
     result = {}
-    for name, fn, n in (("dense", dense_step, max(3, steps // 10)), ("wta", hashed_step, steps)):
+    for name, fn, n in (("dense", t.dense_step, max(3, steps // 10)), ("wta", t.hashed_step, steps)):
         for x, y in data[:2]:  # warm-up
             fn(x, y)
         if name == "wta":  # start the timed window at a rebuild period's start
-            hashed._steps = 0
+            t.hashed._steps = 0
         start = time.perf_counter()
         for i in range(n):
             fn(*data[i % len(data)])
@@ -108,29 +115,21 @@ def step_times(init: nn.Linear, params: dict, data, steps: int, lr: float) -> di
 
 
 def train_accuracy(init: nn.Linear, params: dict, ex, protos, steps: int, batch: int, lr: float) -> dict:
-    dense = copy.deepcopy(init)
-    hashed = WTAHashedLinear.from_original(init, **params).train()
-    opt_d = torch.optim.SGD(dense.parameters(), lr=lr)
-    opt_h = torch.optim.SGD(hashed.parameters(), lr=lr)
+    t = Trainers(init, params, lr)
     seconds = {"dense": 0.0, "wta": 0.0}
     for s in range(steps):
         x, y = ex.samples(protos, batch, seed=10_000 + s)
-        t = time.perf_counter()
-        opt_d.zero_grad(set_to_none=True)
-        F.cross_entropy(dense(x), y).backward()
-        opt_d.step()
-        seconds["dense"] += time.perf_counter() - t
-        t = time.perf_counter()
-        opt_h.zero_grad(set_to_none=True)
-        sampled_softmax_loss(hashed, x, y).backward()
-        opt_h.step()
-        seconds["wta"] += time.perf_counter() - t
+        for name, fn in (("dense", t.dense_step), ("wta", t.hashed_step)):
+            start = time.perf_counter()
+            fn(x, y)
+            seconds[name] += time.perf_counter() - start
     x, y = ex.samples(protos, 4096, seed=99)
     with torch.no_grad():
-        hashed.eval()
-        acc_d = (dense(x).argmax(1) == y).float().mean().item()
-        acc_h = (hashed(x).argmax(1) == y).float().mean().item()
-        rec = (hashed(x).argmax(1) == F.linear(x, hashed.weight, hashed.bias).argmax(1)).float().mean().item()
+        hashed = t.hashed.eval()
+        predicted = hashed(x).argmax(1)
+        acc_d = (t.dense(x).argmax(1) == y).float().mean().item()
+        acc_h = (predicted == y).float().mean().item()
+        rec = (predicted == F.linear(x, hashed.weight, hashed.bias).argmax(1)).float().mean().item()
     return {"steps": steps, "batch": batch, "lr": lr, "dense_accuracy": acc_d, "wta_accuracy": acc_h,
             "gap_points": (acc_d - acc_h) * 100, "wta_recall_of_own_dense_argmax": rec,
             "dense_seconds": seconds["dense"], "wta_seconds": seconds["wta"]}

@@ -180,9 +180,12 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     notes = []
     for s in report["sites"]:
         err, init, lat = s["error"] or {}, s.get("error_init") or {}, s.get("latency")
-        sqnr = fmt(err.get("sqnr_db"), 3) if "recall_at_1" not in err else f"recall@1 {_recall(err)}"
-        if init and "recall_at_1" not in err:
-            sqnr = f"{fmt(init.get('sqnr_db'), 3)} → {sqnr}"
+        if "recall_at_1" in err:  # a substitute checked by recall, not SQNR
+            sqnr = f"recall@1/@5 {_recall(err)}"
+        else:
+            sqnr = fmt(err.get("sqnr_db"), 3)
+            if init:
+                sqnr = f"{fmt(init.get('sqnr_db'), 3)} → {sqnr}"
         status = f"[{STATUS_STYLE[s['status']]}]{s['status']}[/]"
         table.add_row(s["key"], f"{s['substitute']}: {status}" if s["substitute"] else status,
                       f"{fmt(s['params_before'])} → {fmt(s['params_after'])}", sqnr,

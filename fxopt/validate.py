@@ -89,7 +89,7 @@ class RecallStats:
 
     def __init__(self):
         self.inputs = self.hit1 = 0
-        self.hit5 = self.computed = self.outputs = 0.0
+        self.hit5 = self.computed = 0.0
         self.nonfinite = False
 
     def update(self, ref: torch.Tensor, out: torch.Tensor, classifier: bool = False) -> None:

@@ -129,6 +129,11 @@ class WTAHashedLinear(nn.Module):
         elif self.weight._version != self._version:
             self.rebuild()
 
+    def training_step(self) -> bool:
+        """This call is part of a training step: it counts towards the rebuild schedule and the rows
+        it scores will be updated."""
+        return self.training and torch.is_grad_enabled()
+
     def _touch(self, rows: torch.Tensor) -> None:
         """These rows get gradients: rehash them at the next scheduled rebuild."""
         if not _tracing():
@@ -139,7 +144,7 @@ class WTAHashedLinear(nn.Module):
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate rows of each input row of x (N, in_features): `rows` (N, c) int64, best first,
         and `valid` (N, c) bool (an input with fewer candidates has an invalid tail)."""
-        self._refresh(self.training and torch.is_grad_enabled())
+        self._refresh(self.training_step())
         n, c = x.shape[0], self.out_features
         if self.candidates >= c:  # every row: the layer is the dense one
             rows = torch.arange(c, device=x.device).expand(n, c)
@@ -152,7 +157,7 @@ class WTAHashedLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)
         rows, valid = self.select(x2)
-        if self.training and torch.is_grad_enabled():
+        if self.training_step():
             self._touch(rows[valid])
         logits = gathered_linear(x2, self.weight, self.bias, rows)
         c = self.out_features
@@ -178,7 +183,7 @@ def sampled_softmax_loss(layer: WTAHashedLinear, x: torch.Tensor, target: torch.
     rows, valid = layer.select(x2)
     rows = torch.cat([target[:, None], rows], 1)
     keep = torch.cat([torch.ones_like(valid[:, :1]), valid & (rows[:, 1:] != target[:, None])], 1)
-    if layer.training and torch.is_grad_enabled():
+    if layer.training_step():
         layer._touch(rows[keep])
     logits = gathered_linear(x2, layer.weight, layer.bias, rows).masked_fill(~keep, -math.inf)
     return F.cross_entropy(logits, torch.zeros_like(target))
