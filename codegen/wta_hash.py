@@ -8,11 +8,12 @@ a Triton kernel (chosen by `codegen.registry` for CUDA tensors):
   a running max over the K positions.
 * `fxopt::collision_counts(qkeys, row_keys)` → (N, C) int32: for each query and each row, the
   number of bands whose bucket keys agree. The GPU's way of finding candidates: B·C·bands integer
-  compares and a `topk`, where the CPU reads only the query's buckets (`fxopt.wta.BandTables`).
+  compares and a `topk`, where the CPU reads only the query's buckets (`band_tables`).
 * `fxopt::wta_select(qkeys, row_keys, order, starts, buckets, budget, cap)` → (rows, valid),
   each (N, budget): the rows sharing the most bands with each query, best first. CPU: per-band
   tables of the rows sorted by bucket (`band_tables`; CSR `order`/`starts`), so a query reads only
-  its own buckets (at most `cap` rows from each), then one sort counts and ranks the hits. GPU:
+  its own buckets (at most `cap` rows from each), then numpy sorts count and rank the hits (its
+  vectorised sort is far faster than torch's on these small integer arrays). Any other device:
   `collision_counts` of all rows and a `topk`. A query with fewer candidates than the budget has
   its tail marked invalid (those rows repeat row 0 and must be ignored).
 * `fxopt::gathered_linear(x, weight, bias, rows)` → (N, c): out[n, j] = x[n] · weight[rows[n, j]]
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +39,12 @@ _CHUNK = 1 << 24  # elements of a temporary in the references: bounds their memo
 
 
 def wta_codes_reference(x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """argmax over x[:, windows[l]] for every window l, in row chunks."""
+    """argmax over x[:, windows[l]] for every window l, in row chunks. (`max(-1).indices`, which
+    also returns the first maximum, is a fifth faster than `argmax(-1)` on CPU.)"""
     n, (length, k) = x.shape[0], windows.shape
     step = max(1, _CHUNK // max(1, length * k))
     flat = windows.reshape(-1)
-    return torch.cat([x[i:i + step].index_select(1, flat).view(-1, length, k).argmax(-1)
+    return torch.cat([x[i:i + step].index_select(1, flat).view(-1, length, k).max(-1).indices
                       for i in range(0, n, step)]) if n else x.new_zeros((0, length), dtype=torch.long)
 
 
@@ -55,50 +58,51 @@ def collision_counts_reference(qkeys: torch.Tensor, row_keys: torch.Tensor) -> t
 
 
 def band_tables(keys: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per band, the rows sorted by bucket key, flat and band-major: with B buckets per band, the
-    rows in bucket q of band j are order[starts[j·B + q] : starts[j·B + q + 1]]. `order` is
-    (bands · C,) int32, `starts` (bands · B + 1,) int64; one batched stable sort, one bincount."""
+    """Per band, the rows sorted by bucket key (ties by row), flat and band-major: with B buckets
+    per band, the rows in bucket q of band j are order[starts[j·B + q] : starts[j·B + q + 1]].
+    `order` is (bands · C,) int32, `starts` (bands · B + 1,) int64. CPU tensors. numpy's stable
+    sort is a radix sort on 16-bit keys (B ≤ 65,536: 0.4 s for 96 bands × 500k rows, where
+    torch.sort takes 13 s), a merge sort otherwise."""
     rows, bands = keys.shape
-    flat = (keys.t().long() + torch.arange(bands, device=keys.device)[:, None] * buckets).reshape(-1)
-    order = torch.sort(keys.t(), dim=1, stable=True).indices.reshape(-1).to(torch.int32)
-    starts = torch.zeros(bands * buckets + 1, dtype=torch.long, device=keys.device)
-    torch.cumsum(torch.bincount(flat, minlength=bands * buckets), 0, out=starts[1:])
-    return order, starts
+    k = keys.t().contiguous().numpy()
+    order = np.argsort(k.astype(np.uint16) if buckets <= 1 << 16 else k, axis=1, kind="stable")
+    flat = np.int32 if bands * buckets < 2 ** 31 else np.int64
+    offset = k.astype(flat) + (np.arange(bands, dtype=flat) * buckets)[:, None]
+    starts = torch.zeros(bands * buckets + 1, dtype=torch.long)
+    torch.cumsum(torch.from_numpy(np.bincount(offset.reshape(-1), minlength=bands * buckets)), 0, out=starts[1:])
+    return torch.from_numpy(order.reshape(-1).astype(np.int32)), starts
 
 
 def select_reference(qkeys: torch.Tensor, num_rows: int, order: torch.Tensor, starts: torch.Tensor, buckets: int,
                      budget: int, cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates from the tables: every (query, row) pair sharing a bucket, counted and ranked."""
+    """Candidates from the tables (CPU tensors): every (query, row) pair sharing a bucket, counted
+    and ranked by count, ties by row. In numpy, whose vectorised sort is an order of magnitude
+    faster than torch's on these small integer arrays (6k keys: 17 µs against 300 µs here)."""
     n, bands = qkeys.shape
-    dev = qkeys.device
-    q = (qkeys.long() + torch.arange(0, bands * buckets, buckets, device=dev)).reshape(-1)
-    start = starts[q]
-    length = starts[q + 1] - start
+    q = (qkeys.long() + torch.arange(0, bands * buckets, buckets)).reshape(-1).numpy()
+    table = starts.numpy()
+    start = table[q]
+    length = table[q + 1] - start
     if cap is not None:  # a crowded bucket contributes its first `cap` rows
-        length = length.clamp(max=cap)
-    seg = torch.repeat_interleave(length)  # (E,) the query·band each hit comes from
-    # position in `order` of hit e: start of its bucket + its rank among its query·band's hits
-    pos = torch.arange(seg.numel(), device=dev) + (start + length - torch.cumsum(length, 0))[seg]
-    hits = order[pos].long()
-    if n > 1:
-        hits += (seg // bands) * num_rows
-    pair, count = torch.unique(hits, sorted=True, return_counts=True)
-    rows = torch.zeros(n, budget, dtype=torch.long, device=dev)
-    valid = torch.zeros(n, budget, dtype=torch.bool, device=dev)
-    if n == 1:  # one query: a top-k, no per-query ranking
-        top = count.topk(min(budget, count.numel())).indices
-        rows[0, :top.numel()], valid[0, :top.numel()] = pair[top], True
-        return rows, valid
-    sample = pair // num_rows
-    # Rank within each query by count, descending: one stable sort on (query, bands − count).
-    ranked = torch.sort(sample * (bands + 1) + (bands - count), stable=True).indices
-    sample = sample[ranked]
-    rank = torch.arange(ranked.numel(), device=dev) - torch.searchsorted(sample, torch.arange(n, device=dev))[sample]
+        np.minimum(length, cap, out=length)
+    # position in `order` of every hit: its bucket's start + its rank among that bucket's hits
+    ends = np.cumsum(length)
+    pos = np.arange(ends[-1] if ends.size else 0) + np.repeat(start + length - ends, length)
+    query = np.repeat(np.arange(n), length.reshape(n, bands).sum(1))
+    wide = np.int64 if n * num_rows * (bands + 1) >= 2 ** 31 else np.int32
+    pair, count = np.unique(query.astype(wide) * num_rows + order.numpy()[pos], return_counts=True)
+    query, row = np.divmod(pair, num_rows)
+    # One sort ranks everything: key (query, bands − count, row), decoded after.
+    key = np.sort((query * (bands + 1) + (bands - count.astype(wide))) * num_rows + row)
+    rest, row = np.divmod(key, num_rows)
+    query = rest // (bands + 1)
+    rank = np.arange(key.size) - np.searchsorted(query, np.arange(n))[query]
     keep = rank < budget
-    where = (sample[keep], rank[keep])
-    rows[where] = pair[ranked[keep]] % num_rows
-    valid[where] = True
-    return rows, valid
+    rows = np.zeros((n, budget), dtype=np.int64)
+    valid = np.zeros((n, budget), dtype=bool)
+    rows[query[keep], rank[keep]] = row[keep]
+    valid[query[keep], rank[keep]] = True
+    return torch.from_numpy(rows), torch.from_numpy(valid)
 
 
 def gathered_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -284,7 +288,7 @@ def wta_select(qkeys: torch.Tensor, row_keys: torch.Tensor, order: torch.Tensor,
                budget: int, cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, valid), each (N, budget): the rows sharing the most bands with each query (N, bands)."""
     _check_2d("wta_select", qkeys=qkeys, row_keys=row_keys)
-    if wants_triton(qkeys):
+    if wants_triton(qkeys) or qkeys.device.type != "cpu":  # an accelerator counts densely, no tables
         top = collision_counts(qkeys.to(row_keys.dtype), row_keys).topk(budget, dim=1)
         return top.indices, top.values > 0
     return select_reference(qkeys, row_keys.shape[0], order, starts, buckets, budget, cap)

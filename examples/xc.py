@@ -27,10 +27,18 @@ def prototypes(classes: int = CLASSES, dim: int = DIM, seed: int = 0) -> torch.T
     return F.normalize(centres[family] + SPREAD * own, dim=1)
 
 
-def samples(protos: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n inputs (n, dim) and their labels: a random class's prototype + NOISE · gaussian/√dim."""
+def samples(protos: torch.Tensor, n: int, seed: int, zipf: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n inputs (n, dim) and their labels: a random class's prototype + NOISE · gaussian/√dim.
+    Classes are uniform, or with `zipf` = s > 0 long-tailed as labels of extreme classification
+    are: the class of rank r (in a fixed random order) has probability ∝ r^-s."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, protos.shape[0], (n,), generator=g)
+    classes = protos.shape[0]
+    if zipf > 0:
+        ranked = torch.randperm(classes, generator=torch.Generator().manual_seed(classes))
+        weights = torch.arange(1, classes + 1, dtype=torch.float64) ** -zipf
+        labels = ranked[torch.multinomial(weights, n, replacement=True, generator=g)]
+    else:
+        labels = torch.randint(0, classes, (n,), generator=g)
     noise = torch.randn(n, protos.shape[1], generator=g) * (NOISE / math.sqrt(protos.shape[1]))
     return protos[labels] + noise, labels
 

@@ -57,10 +57,18 @@ class WTAHash:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(N, bands) int64 bucket keys of the rows of x (N, dim)."""
-        return band_keys(wta_codes(x, self.windows.to(x.device)), self.powers.to(x.device))
+        return hash_rows(x, self.windows.to(x.device), self.powers.to(x.device))
 
 
 def band_keys(codes: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
     """(N, bands) int64 keys from (N, L) codes: each band's b = len(powers) codes as a base-K number."""
     n, b = codes.shape[0], powers.shape[0]
     return (codes.view(n, -1, b) * powers).sum(-1)
+
+
+def hash_rows(x: torch.Tensor, windows: torch.Tensor, powers: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(N, bands) int64 bucket keys of the rows of x (N, dim), `chunk` rows at a time, so that
+    hashing a whole weight matrix never holds its (C, L) int64 codes at once."""
+    if x.shape[0] <= chunk:
+        return band_keys(wta_codes(x, windows), powers)
+    return torch.cat([band_keys(wta_codes(x[i:i + chunk], windows), powers) for i in range(0, x.shape[0], chunk)])

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.codegen.registry import wants_triton
-from fxopt.codegen.wta_hash import band_tables, dense_fallback, gathered_linear, wta_codes, wta_select
-from fxopt.wta import MAX_BUCKETS, WTAHash, band_keys
+from fxopt.codegen.wta_hash import band_tables, dense_fallback, gathered_linear, wta_select
+from fxopt.wta import MAX_BUCKETS, WTAHash, hash_rows
 
 from . import Decline, Param, SubstituteSpec, non_negative_int, optional, positive_int, register
 
@@ -96,7 +96,7 @@ class WTAHashedLinear(nn.Module):
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """(N, bands) bucket keys of the rows of x (N, in_features)."""
-        return band_keys(wta_codes(x, self.windows), self.powers)
+        return hash_rows(x, self.windows, self.powers)
 
     # --- tables ----------------------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ class WTAHashedLinear(nn.Module):
             rows = self.dirty.nonzero().squeeze(1)
             if rows.numel():
                 self.row_keys[rows] = self.keys(w[rows]).to(torch.int32)
-        if not wants_triton(w):  # a GPU counts collisions densely and needs no tables
+        if w.device.type == "cpu" and not wants_triton(w):  # an accelerator counts densely, no tables
             self.order, self.starts = band_tables(self.row_keys, self.buckets)
         self.dirty.zero_()
         self._steps, self._version = 0, self.weight._version
@@ -162,7 +162,7 @@ class WTAHashedLinear(nn.Module):
         logits = gathered_linear(x2, self.weight, self.bias, rows)
         c = self.out_features
         # Invalid entries go to a sink column that is cut off, so no output is written twice.
-        out = torch.scatter(x2.new_full((x2.shape[0], c + 1), self.fill), 1, rows.masked_fill(~valid, c), logits)
+        out = x2.new_full((x2.shape[0], c + 1), self.fill).scatter_(1, rows.masked_fill(~valid, c), logits)
         out, missing = out[:, :c], ~valid[:, 0]
         if _tracing() or missing.any():  # eager skips the op (and its copy of the output) when it has nothing to do
             out = dense_fallback(out, x2, self.weight, self.bias, missing)
