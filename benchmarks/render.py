@@ -194,6 +194,15 @@ def wta_hash(r: dict) -> list[str]:
                      f"{i1['dense_ms']:.2f} · {i1['compiled_ms']:.2f} → {i1['wta_ms']:.2f} ({i1['speedup_vs_dense']:.1f}×) | "
                      f"{i16['dense_ms']:.2f} · {i16['compiled_ms']:.2f} → {i16['wta_ms']:.2f} ({i16['speedup_vs_dense']:.1f}×) | "
                      f"{x['table_build_s']:.1f} |")
+    for x in r["rows"]:
+        if "training" in x:
+            tr = x["training"]
+            lines += ["", f"Training both ways at {x['classes']:,} classes from the same initialisation (no bias), "
+                      f"{tr['steps']} SGD steps of batch {tr['batch']} (lr {tr['lr']:g}, Zipf {tr['zipf']:g} labels), scored on "
+                      f"fresh samples: dense {tr['dense_accuracy']:.3f}; hashed {tr['wta_accuracy']:.3f} through its index, "
+                      f"{tr['wta_trained_exact_accuracy']:.3f} with its weights computed densely. An index over the "
+                      f"dense-trained head finds its top class for {tr['recall_on_dense_trained_head']['recall_at_1']:.3f} "
+                      f"of the inputs. Seconds spent training: dense {tr['dense_seconds']:.0f}, hashed {tr['wta_seconds']:.0f}."]
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 
