@@ -27,7 +27,8 @@ from wta_hash import _example, recall  # noqa: E402
 
 from fxopt.substitutes.wta_hash import WTAHashedLinear  # noqa: E402
 
-SHAPES = [(8, 480, 96), (8, 384, 96), (8, 288, 96), (8, 576, 192), (4, 576, 96)]  # (k, codes, bands)
+SHAPES = [(8, 480, 96), (8, 384, 96), (8, 512, 128), (8, 640, 160), (8, 288, 96), (8, 576, 192),
+          (4, 576, 96)]  # (k, codes, bands)
 
 
 def main(argv=None) -> None:
