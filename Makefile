@@ -35,4 +35,5 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/rescale_cnn.py --seeds 0 1 --out benchmarks/results/rescale_cnn_cpu.json
 	$(BIN)/python benchmarks/backend.py --out benchmarks/results/backend_cpu.json
 	$(BIN)/python benchmarks/wta_hash.py --out benchmarks/results/wta_hash_cpu.json
+	$(BIN)/python benchmarks/wta_trained_recall.py --out benchmarks/results/wta_trained_recall_cpu.json
 	$(BIN)/python benchmarks/render.py > BENCHMARKS.md
