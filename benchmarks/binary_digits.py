@@ -23,8 +23,6 @@ sets the initialisation and the batch order; the split stays fixed).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import statistics
 import sys
 import time

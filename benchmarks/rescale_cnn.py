@@ -120,7 +120,6 @@ def run(name: str, args, data, seed: int) -> dict:
     # (a) full resolution throughout
     model = copy.deepcopy(init)
     trainer = Trainer(x, y, args.epochs, args.batch, args.lr, seed)
-    start = time.perf_counter()
     curve = []
     for epoch in range(args.epochs):
         t0 = time.perf_counter()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import sys
 import time
@@ -37,16 +36,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_info, time_variants  # noqa: E402
 
+from fxopt.save import write_json  # noqa: E402
+from fxopt.trace import import_model_file  # noqa: E402
 from fxopt.substitutes.wta_hash import WTAHashedLinear, sampled_softmax_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("xc_example", ROOT / "examples" / "xc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def xc_example():
+    """examples/xc.py as a module: its prototype and sample generators."""
+    return import_model_file(ROOT / "examples" / "xc.py")
 
 
 def _hash_params(args) -> dict:
@@ -195,13 +194,12 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    ex = _example()
+    ex = xc_example()
     rows = [run_size(c, args, ex) for c in args.classes]
     result = {**run_info(), "data": {"generator": "examples/xc.py", "spread": ex.SPREAD, "noise": ex.NOISE,
                                           "family": ex.FAMILY}, "rows": rows}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     for r in rows:
         inf = r["inference"]
         print(f"{r['classes']:>7} classes: recall@1 {r['recall']['recall_at_1']:.3f}  train step "

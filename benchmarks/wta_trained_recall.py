@@ -23,8 +23,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_info, time_variants  # noqa: E402
-from wta_hash import _example, recall  # noqa: E402
+from wta_hash import recall, xc_example  # noqa: E402
 
+from fxopt.save import write_json  # noqa: E402
 from fxopt.substitutes.wta_hash import WTAHashedLinear  # noqa: E402
 
 SHAPES = [(8, 480, 96), (8, 384, 96), (8, 512, 128), (8, 640, 160), (8, 288, 96), (8, 576, 192),
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--candidates", type=int, default=128)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    ex = _example()
+    ex = xc_example()
     torch.manual_seed(0)
     protos = ex.prototypes(args.classes, args.hidden, seed=0)
     head = nn.Linear(args.hidden, args.classes, bias=False)
@@ -75,8 +76,7 @@ def main(argv=None) -> None:
     result = {**run_info(), "classes": args.classes, "steps": args.steps, "lr": args.lr, "zipf": args.zipf,
               "head_accuracy": accuracy, "cosine_argmax_row_to_input": cosine, "rows": rows}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     print(f"head accuracy {accuracy:.3f}, cosine of the top row to its input {cosine:.2f}")
     for r in rows:
         print(f"k {r['k']}, {r['codes']} codes / {r['bands']} bands: recall@1 {r['recall_at_1']:.3f}, "

@@ -98,10 +98,11 @@ def select_reference(qkeys: torch.Tensor, num_rows: int, order: torch.Tensor, st
     query = rest // (bands + 1)
     rank = np.arange(key.size) - np.searchsorted(query, np.arange(n))[query]
     keep = rank < budget
+    at = (query[keep], rank[keep])
     rows = np.zeros((n, budget), dtype=np.int64)
     valid = np.zeros((n, budget), dtype=bool)
-    rows[query[keep], rank[keep]] = row[keep]
-    valid[query[keep], rank[keep]] = True
+    rows[at] = row[keep]
+    valid[at] = True
     return torch.from_numpy(rows), torch.from_numpy(valid)
 
 
@@ -283,12 +284,18 @@ def _(qkeys, row_keys):
     return qkeys.new_empty((qkeys.shape[0], row_keys.shape[0]), dtype=torch.int32)
 
 
+def uses_tables(x: torch.Tensor) -> bool:
+    """Whether candidates for tensors like `x` come from the CPU band tables (`band_tables`,
+    `select_reference`) rather than from dense collision counts (a GPU, or any non-CPU device)."""
+    return x.device.type == "cpu" and not wants_triton(x)
+
+
 @torch.library.custom_op("fxopt::wta_select", mutates_args=())
 def wta_select(qkeys: torch.Tensor, row_keys: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, buckets: int,
                budget: int, cap: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, valid), each (N, budget): the rows sharing the most bands with each query (N, bands)."""
     _check_2d("wta_select", qkeys=qkeys, row_keys=row_keys)
-    if wants_triton(qkeys) or qkeys.device.type != "cpu":  # an accelerator counts densely, no tables
+    if not uses_tables(qkeys):
         top = collision_counts(qkeys.to(row_keys.dtype), row_keys).topk(budget, dim=1)
         return top.indices, top.values > 0
     return select_reference(qkeys, row_keys.shape[0], order, starts, buckets, budget, cap)

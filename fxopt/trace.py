@@ -23,6 +23,7 @@ import warnings
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterable
 
 import torch
@@ -49,8 +50,8 @@ class Traced:
     fallback_reason: str | None  # why symbolic_trace was not used
 
 
-def load_model_file(path: str | Path) -> ModelSpec:
-    """Import MODEL.py and collect `model`/`build_model()`, `example_inputs()`, `calibration_data()`."""
+def import_model_file(path: str | Path) -> ModuleType:
+    """Import MODEL.py as a module (errors name the file and line)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
@@ -64,7 +65,13 @@ def load_model_file(path: str | Path) -> ModelSpec:
         spec.loader.exec_module(module)
     except Exception as exc:
         raise ModelFileError(f"{path}: import failed: {_where(exc, path)}{type(exc).__name__}: {exc}") from None
+    return module
 
+
+def load_model_file(path: str | Path) -> ModelSpec:
+    """Import MODEL.py and collect `model`/`build_model()`, `example_inputs()`, `calibration_data()`."""
+    path = Path(path)
+    module = import_model_file(path)
     if hasattr(module, "build_model"):
         model = _call(path, module.build_model, "build_model()")
     elif hasattr(module, "model"):

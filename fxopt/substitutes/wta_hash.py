@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxopt.codegen.registry import wants_triton
-from fxopt.codegen.wta_hash import band_tables, dense_fallback, gathered_linear, wta_select
+from fxopt.codegen.wta_hash import band_tables, dense_fallback, gathered_linear, uses_tables, wta_select
 from fxopt.wta import MAX_BUCKETS, WTAHash, hash_rows
 
 from . import Decline, Param, SubstituteSpec, non_negative_int, optional, positive_int, register
@@ -111,7 +110,7 @@ class WTAHashedLinear(nn.Module):
             rows = self.dirty.nonzero().squeeze(1)
             if rows.numel():
                 self.row_keys[rows] = self.keys(w[rows]).to(torch.int32)
-        if w.device.type == "cpu" and not wants_triton(w):  # an accelerator counts densely, no tables
+        if uses_tables(w):  # elsewhere collisions are counted densely, with no tables
             self.order, self.starts = band_tables(self.row_keys, self.buckets)
         self.dirty.zero_()
         self._steps, self._version = 0, self.weight._version
