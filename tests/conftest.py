@@ -16,6 +16,27 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+
+def _kernels_can_run() -> bool:
+    from fxopt.codegen import registry
+
+    return registry.HAVE_TRITON and (GPU or registry.interpreted())
+
+
+# Triton kernel tests: real kernels on a GPU, the interpreter on CPU tensors elsewhere.
+needs_triton = pytest.mark.skipif(not _kernels_can_run(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]
+
+
+def gpu_only(test):
+    """A test that runs only where a CUDA GPU is (marked `gpu`)."""
+    for mark in GPU_MARKS:
+        test = mark(test)
+    return test
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 

@@ -19,12 +19,12 @@ from fxopt.bits import pack_bits, pack_signs, unpack_bits, unpack_mask, unpack_s
 from fxopt.codegen import registry
 from fxopt.layerwise import Layerwise
 from fxopt.codegen.binary import ACTIVATIONS, binary_linear, binary_linear_reference
+from conftest import DEVICE, GPU, GPU_MARKS, needs_triton
 from fxopt.substitutes.binary import (
     BinaryConv, BinaryLinear, PackedBinaryLinear, QuantizedBackprop, binarize, channel_scales, hard_sigmoid,
     pow2_quantize, ternarize,
 )
 
-GPU = torch.cuda.is_available()
 
 
 def _sign(w):  # sign with sign(0) = +1, as the layers binarize
@@ -347,12 +347,9 @@ def test_registry_refuses_triton_on_cpu_without_interpreter(monkeypatch):
         registry.wants_triton(torch.randn(2))
 
 
-needs_interpreter = pytest.mark.skipif(not registry.HAVE_TRITON or (not GPU and not registry.interpreted()),
-                                       reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
-DEVICE = "cuda" if GPU else "cpu"
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 40])  # GEMV path ≤ 16 rows, GEMM above; masked tails
 @pytest.mark.parametrize("n,k", [(37, 70), (16, 64), (9, 200)])
 @pytest.mark.parametrize("ternary", [False, True])
@@ -365,7 +362,7 @@ def test_kernel_matches_reference(m, n, k, ternary):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("m", [3, 24])
 def test_kernel_epilogue_activations(activation, m):
@@ -378,7 +375,7 @@ def test_kernel_epilogue_activations(activation, m):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.parametrize("dtype,m", [(torch.float16, 3), (torch.float16, 40), (torch.bfloat16, 3)]
                          + [(torch.bfloat16, 40)] * GPU)  # the interpreter's bf16 tl.dot returns garbage
 def test_kernel_half_precision(dtype, m):
@@ -391,7 +388,7 @@ def test_kernel_half_precision(dtype, m):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_op_gradient_and_opcheck(backend, activation):
     p = _packed(12, 40, seed=9)
@@ -414,9 +411,7 @@ def test_packed_layer_compiles():
     torch.testing.assert_close(compiled(x), p(x))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [1, 8, 512])
+@pytest.mark.parametrize("m", [pytest.param(m, marks=GPU_MARKS) for m in (1, 8, 512)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_real_sizes_on_gpu(m, dtype):
     p = _packed(4096, 4096, seed=10).cuda()

@@ -171,3 +171,129 @@ def test_flops_count_the_two_gemms():
     m1, m2, n1, n2 = conv.factors
     # small conv on each of the n1 groups (n2 → R·m2 channels, 9 taps), then mixing with A
     assert conv.flops(torch.Size([2, 16, 5, 5]), torch.Size([2, 8, 5, 5])) == 2 * 2 * 25 * 2 * (n1 * m2 * n2 * 9 + m2 * n1 * m1)
+
+
+# --- the fused kernel (fxopt::kron_linear): Triton (interpreter on CPU) against the torch reference ---
+
+from fxopt.codegen import epilogue as ep  # noqa: E402
+from fxopt.codegen import registry  # noqa: E402
+from fxopt.codegen.kron import kron_linear, kron_linear_reference  # noqa: E402
+
+from conftest import DEVICE, gpu_only, needs_triton  # noqa: E402
+
+
+def _factors(r, m1, m2, n1, n2, seed=0, dtype=torch.float32, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, m1, n1, generator=g) / math.sqrt(n1)
+    b = torch.randn(r, m2, n2, generator=g) / math.sqrt(n2)
+    bias = torch.randn(m1 * m2, generator=g)
+    return (t.to(device, dtype) for t in (a, b, bias))
+
+
+@needs_triton
+@pytest.mark.parametrize("r,m1,m2,n1,n2", [
+    (1, 4, 8, 6, 5),       # every dimension below one 16-wide tile
+    (3, 20, 17, 33, 18),   # several tiles on each side, masked tails everywhere
+    (2, 16, 16, 16, 16),   # exactly one tile
+    (1, 1, 7, 1, 9),       # a 1 × n factor
+])
+@pytest.mark.parametrize("rows", [1, 3])  # the interpreter runs 2 rows per program: 3 leaves a dead one
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernel_matches_the_reference(r, m1, m2, n1, n2, rows, with_bias):
+    a, b, bias = _factors(r, m1, m2, n1, n2, seed=r + m1 + n2)
+    bias = bias if with_bias else None
+    x = torch.randn(rows, 2, n1 * n2, device=DEVICE)  # leading dims are kept
+    ref = kron_linear_reference(x, a, b, bias, [], ())
+    with registry.use_backend("triton"):
+        out = kron_linear(x, a, b, bias, [], "")
+    assert out.shape == (rows, 2, m1 * m2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, F.linear(x, kron_sum(a, b), bias), rtol=1e-5, atol=1e-5)
+
+
+CHAINS = [
+    [["relu"]],
+    [["gelu"], ["mul", 0.5]],
+    [["silu"], ["add", 0]],                      # residual of the output's shape
+    [["sigmoid"], ["rsub", 1.0], ["div", 0]],    # 1 − σ(y), divided by a per-channel vector
+    [["tanh"], ["clamp", -0.5, None], ["add", 1.0], ["rdiv", 2.0]],  # denominator ≥ 0.5
+    [["mul", 0], ["sub", 1], ["clamp", None, 0.25], ["add", 0]],  # one extra read twice
+]
+
+
+def _extras(chain, shape):
+    """Extra tensors for a chain: 0 → the output's shape, 1 → a per-channel vector (both > 0.5)."""
+    n = ep.extras_used(ep.check(chain))
+    return [torch.rand(shape if i == 0 else shape[-1:], device=DEVICE) + 0.5 for i in range(n)]
+
+
+@needs_triton
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: "-".join(s[0] for s in c))
+def test_generated_epilogues_match_the_torch_chain(chain):
+    a, b, bias = _factors(2, 6, 5, 7, 3, seed=len(chain))
+    x = torch.randn(3, 21, device=DEVICE)
+    extras = _extras(chain, (3, 30))
+    steps = ep.check(chain)
+    ref = kron_linear_reference(x, a, b, bias, extras, steps)
+    with registry.use_backend("triton"):
+        out = kron_linear(x, a, b, bias, extras, ep.encode(chain))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("chain", [[], [["gelu"], ["mul", 0], ["add", 1]]], ids=["plain", "epilogue"])
+def test_op_gradients_and_opcheck(backend, chain):
+    # float64 for the finite-difference check of the GEMM composition; the kernels take fp32
+    dtype = torch.double if backend == "torch" else torch.float32
+    a, b, bias = (t.to(dtype).requires_grad_() for t in _factors(2, 3, 4, 5, 2, seed=3, device="cpu"))
+    x = torch.randn(4, 10, dtype=dtype, requires_grad=True)
+    extras = [torch.rand(4, 12, dtype=dtype, requires_grad=True) + 0.5,
+              torch.rand(12, dtype=dtype, requires_grad=True)][:ep.extras_used(ep.check(chain))]
+    leaves = [x, a, b, bias, *extras]
+    with registry.use_backend(backend):
+        if backend == "torch":  # the autograd formula against finite differences
+            assert torch.autograd.gradcheck(lambda *t: kron_linear(*t[:4], list(t[4:]), ep.encode(chain)), leaves)
+        out = kron_linear(x, a, b, bias, extras, ep.encode(chain))
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        torch.library.opcheck(kron_linear, ([t.detach().float() for t in leaves[:4]] +
+                                            [[e.detach().float() for e in extras], ep.encode(chain)]))
+    expected = torch.autograd.grad(ep.apply(F.linear(x, kron_sum(a, b), bias), ep.check(chain), extras),
+                                   leaves, torch.ones_like(out))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_op_rejects_an_epilogue_reading_missing_extras():
+    a, b, bias = _factors(1, 2, 2, 2, 2, device="cpu")
+    with pytest.raises(ValueError, match="reads 1 extras, got 0"):
+        kron_linear(torch.randn(1, 4), a, b, bias, [], ep.encode([["add", 0]]))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_layer_compiles_whole_and_exports(backend):
+    """Where the kernel runs, the op is what torch.compile and torch.export see; elsewhere the
+    plain GEMMs, which Inductor can fuse with what follows."""
+    layer = KronLinear.from_original(nn.Linear(64, 32), rank=2)
+    x = torch.randn(3, 64)
+    with registry.use_backend(backend):
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
+        program = torch.export.export(layer, (x,))
+        torch.testing.assert_close(program.module()(x), layer(x))
+    has_op = any(n.target is torch.ops.fxopt.kron_linear.default for n in program.graph.nodes)
+    assert has_op == (backend == "triton")
+
+
+@gpu_only
+@pytest.mark.parametrize("rows", [1, 256, 8192])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_real_sizes_on_gpu(rows, dtype):
+    a, b, bias = _factors(2, 64, 64, 64, 64, seed=11, dtype=dtype, device="cuda")
+    x = torch.randn(rows, 4096, device="cuda", dtype=dtype)
+    extras = [torch.randn(rows, 4096, device="cuda", dtype=dtype)]
+    chain = [["gelu"], ["add", 0]]
+    ref = kron_linear_reference(x.float(), a.float(), b.float(), bias.float(), [extras[0].float()], ep.check(chain))
+    with registry.use_backend("triton"):
+        out = kron_linear(x, a, b, bias, extras, ep.encode(chain))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -28,9 +28,7 @@ from fxopt.substitutes.wta_hash import WTAHashedLinear, exact, sampled_softmax_l
 from fxopt.validate import ErrorStats, RecallStats
 from fxopt.wta import WTAHash, band_keys
 
-from conftest import load_example
-
-GPU = torch.cuda.is_available()
+from conftest import gpu_only, load_example
 
 
 def _loop_codes(x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
@@ -460,8 +458,7 @@ def test_gathered_kernels_match_reference(n, dim, rows, cand, bias, dtype):
     torch.testing.assert_close(xt.grad.float(), xr.grad, **tol)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@gpu_only
 def test_layer_on_gpu_matches_the_cpu_tables_path():
     lin, x = _prototype_layer(classes=20000, dim=256)
     cpu = WTAHashedLinear.from_original(lin, candidates=64).eval()
