@@ -1,7 +1,7 @@
 """`optimize()`: the whole pipeline, one named stage per line.
 
-    trace → match → build → layerwise → validate → gate → substitute → cleanup → distill
-          → freeze → export → end_to_end
+    trace → match → build → layerwise → validate → gate → substitute → cleanup → fuse
+          → distill → freeze → export → end_to_end
 
 * trace:      model → GraphModule with shapes (symbolic_trace, else torch.export)
 * match:      every linear/conv site, and the rule (if any) that claims it
@@ -14,6 +14,8 @@
               `require_speedup` keeps the original where the substitute does not pay
 * substitute: the accepted substitutes go into the graph (pass)
 * cleanup:    dead nodes and unused parameters go (pass)
+* fuse:       pointwise chains after a substitute (bias, activation, scaling, residual add, clamp)
+              become its kernel's generated epilogue (pass; fxopt/passes/fuse.py)
 * distill:    (optional) the substitutes trained inside the rewritten model against the
               original model's outputs
 * freeze:     substitutes with a separate inference form switch to it (binary: latent weights →
@@ -46,7 +48,7 @@ from .gate import site_latency, verdict
 from .graphs import summarize
 from .layerwise import Layerwise, distill, train_sites
 from .match import Decision, Site, choose_rules, find_sites
-from .passes import cleanup, freeze, substitute
+from .passes import cleanup, freeze, fuse, substitute
 from .report import build_report
 from .trace import export_program, trace
 from .validate import end_to_end, site_errors
@@ -84,6 +86,7 @@ class SiteRecord:
     latency: dict[str, Any] | None = None  # original_us, substitute_us, speedup, device
     bytes_before: int = 0  # parameters and buffers as stored
     bytes_after: int = 0
+    epilogue: list[list[Any]] | None = None  # pointwise steps fused into the substitute's kernel
 
     def keep_original(self, status: str, reason: str) -> None:
         """The site keeps its original layer (rolled back or gated): the 'after' figures are the 'before' ones."""
@@ -163,6 +166,11 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         gm, placed = substitute(traced.gm, accepted)
     with stage("cleanup"):
         gm, _ = cleanup(gm)
+    with stage("fuse"):
+        gm, fused = fuse(gm)
+        site_of = {p["target"]: p["site"] for p in placed}
+        for f in fused:
+            records[site_of[f["target"]]].epilogue = f["steps"]
         after = summarize(gm, kept | _placed_nodes(gm, placed))
     distilled = None
     if layerwise.distill_steps and accepted:

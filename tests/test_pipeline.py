@@ -57,7 +57,8 @@ def test_shipped_rule_compresses_and_the_saved_report_tells_the_truth(name, tmp_
     assert report["end_to_end"]["params_before"] == sum(p.numel() for p in model.parameters())
     # recompute each applied module site's error with forward hooks on the user's own model:
     # original layer output vs the rewritten model's substitute on the same input
-    subs = dict(result.model.named_modules())
+    # (Result.substitutes: the substitutes as validated, before `fuse` gave them their epilogues)
+    subs = {site.key: module for site, module in result.substitutes}
     checked = 0
     for s in applied:
         if s["form"] != "module":
@@ -114,11 +115,11 @@ def test_report_keys_are_stable():
     r = result.report
     assert {"schema", "sites", "end_to_end", "totals", "stages", "trace", "rules", "model"} <= set(r)
     assert {"name", "rule", "substitute", "status", "params_before", "params_after", "flops_before",
-            "flops_after", "error", "bytes_before", "bytes_after"} <= set(r["sites"][0])
+            "flops_after", "error", "bytes_before", "bytes_after", "epilogue"} <= set(r["sites"][0])
     assert {"max_abs", "rel_l2", "sqnr_db", "cosine", "top1_agreement", "params_before", "params_after",
             "flops_before", "flops_after", "bytes_before", "bytes_after"} <= set(r["end_to_end"])
     assert [s["name"] for s in r["stages"]] == ["trace", "match", "build", "validate", "gate", "substitute",
-                                                 "cleanup", "freeze", "export", "end_to_end"]
+                                                 "cleanup", "fuse", "freeze", "export", "end_to_end"]
     assert r["end_to_end"]["top1_agreement"] is None  # (B, T, D) output is not a classifier
     assert {s["key"]: s["form"] for s in r["sites"]}["qkv_weight"] == "matmul"
 

@@ -3,6 +3,7 @@
 
 from .cleanup import cleanup
 from .freeze import freeze
+from .fuse import fuse
 from .substitute import substitute
 
-__all__ = ["substitute", "cleanup", "freeze"]
+__all__ = ["substitute", "cleanup", "fuse", "freeze"]

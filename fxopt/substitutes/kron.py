@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxopt.codegen import epilogue as ep
 from fxopt.codegen.kron import kron_linear, kron_linear_reference
 from fxopt.codegen.registry import wants_triton
 
@@ -136,11 +137,28 @@ class _Kron(nn.Module):
 
 
 class KronLinear(_Kron):
-    """y = x·Wᵀ + b with W = Σ_r A_r ⊗ B_r, computed as two small GEMMs."""
+    """y = x·Wᵀ + b with W = Σ_r A_r ⊗ B_r, computed as two small GEMMs.
+
+    `epilogue` (set by the `fuse` pass; empty by default) is a chain of pointwise steps that the
+    layer applies to its output (fxopt.codegen.epilogue), reading `extras` (a residual, a scale
+    vector) passed after x: `layer(x, *extras)`. Inside the Triton kernel the chain runs before
+    the store; in the torch reference, step by step after the GEMMs."""
+
+    fuses_epilogue = True  # what the fuse pass looks for
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, error: float = 0.0):
         super().__init__()
         self._setup(a, b, bias, error)
+        self.epilogue = ()
+
+    @property
+    def epilogue(self) -> ep.Steps:
+        return self._epilogue
+
+    @epilogue.setter
+    def epilogue(self, steps) -> None:
+        self._epilogue = ep.check(steps)
+        self._epilogue_text = ep.encode(self._epilogue)  # the op's argument, encoded once (Dynamo can't trace json)
         m1, m2, n1, n2 = self.factors
         self.in_features, self.out_features = n1 * n2, m1 * m2
 
@@ -153,13 +171,13 @@ class KronLinear(_Kron):
         a, b, err = nearest_kronecker_sum(linear.weight, m1, m2, n1, n2, r)
         return cls(a, b, linear.bias, err)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         # Y = Σ_r A_r·X·B_rᵀ with X the row reshaped to n1 × n2. Where the registry wants Triton
         # (CUDA tensors) one fused kernel through the op; elsewhere the two GEMMs in plain torch,
         # which Inductor and torch.export see through (the op's dispatch alone costs ~20 µs on CPU)
         if wants_triton(x):
-            return kron_linear(x, self.A, self.B, self.bias, [], "")
-        return kron_linear_reference(x, self.A, self.B, self.bias, [], ())
+            return kron_linear(x, self.A, self.B, self.bias, list(extras), self._epilogue_text)
+        return kron_linear_reference(x, self.A, self.B, self.bias, list(extras), self.epilogue)
 
     def flops(self, input_shape: torch.Size, output_shape: torch.Size | None = None) -> int:
         r, (m1, m2, n1, n2) = self.rank, self.factors
@@ -168,7 +186,8 @@ class KronLinear(_Kron):
 
     def extra_repr(self) -> str:
         m1, m2, n1, n2 = self.factors
-        return f"{self.in_features}→{self.out_features}, rank={self.rank}, A={m1}×{n1}, B={m2}×{n2}"
+        text = f"{self.in_features}→{self.out_features}, rank={self.rank}, A={m1}×{n1}, B={m2}×{n2}"
+        return text + (f", epilogue={self._epilogue_text}" if self.epilogue else "")
 
 
 class KronConv(_Kron):
