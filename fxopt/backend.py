@@ -21,8 +21,22 @@ are functional calls (`torch._C._nn.linear`, `torch.conv2d`). For each graph the
 3. hands the rewritten graph to the inner compiler, and returns a function that takes Dynamo's
    full argument list and passes on the non-parameter ones.
 
-The parameters are read once, when the graph is compiled: the result is for inference. A graph
-in which no rule claims a site goes to the inner compiler untouched.
+A graph in which no rule claims a site goes to the inner compiler untouched.
+
+Inference (no parameter requires grad, or grad mode is off): the substitutes are built once from
+the parameters' values when the graph is compiled and are constants from then on.
+
+Training (grad mode on and some parameter requires grad, e.g. `loss.backward()` after a compiled
+forward): the optimizer holds the model's own parameters, so those are what the rewritten graph
+must train. Every parameter that survives the rewrite under its name (layers no rule claimed, sites
+rolled back, substitutes that keep the original's parameters, such as wta_hash's `weight`) is
+the user's own Parameter object inside the rewritten graph, and gets its gradient; substitutes stay
+in their training form (nothing is frozen). A substitute that replaces a parameter which requires
+grad by parameters of its own (kron's A and B, binary's latent weights) would silently stop that
+layer from training, so the backend refuses with an error naming the parameter and the site:
+freeze that layer (`requires_grad_(False)`: its substitute is then a constant, as in inference),
+leave the site out of the rules, or rewrite with `fxopt.optimize` and train the returned model,
+whose parameters are the substitutes'.
 """
 
 from __future__ import annotations
@@ -73,13 +87,15 @@ def qualified_name(node: fx.Node) -> str | None:
     return ".".join(parts) if parts else None
 
 
-def constants_graph(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[int]]:
-    """A copy of `gm` whose parameter placeholders are attributes under their qualified names;
-    returns it and the positions of the placeholders it still takes."""
+def constants_graph(gm: fx.GraphModule, example_inputs: list
+                    ) -> tuple[fx.GraphModule, list[int], dict[str, nn.Parameter]]:
+    """A copy of `gm` whose parameter placeholders are attributes under their qualified names
+    (sharing the parameters' storage, without grad); returns it, the positions of the
+    placeholders it still takes, and the user's parameters by qualified name."""
     root = nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    keep = []
+    keep, params = [], {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         name = qualified_name(node) if isinstance(value, nn.Parameter) else None
@@ -87,7 +103,8 @@ def constants_graph(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphM
             keep.append(i)
             env[node] = graph.placeholder(node.target)
             continue
-        _set_attr(root, name, value)
+        _set_attr(root, name, nn.Parameter(value.detach(), requires_grad=False))
+        params[name] = value
         env[node] = graph.get_attr(name)
     for node in gm.graph.nodes:
         if node.op != "placeholder":
@@ -96,17 +113,46 @@ def constants_graph(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphM
         if not hasattr(root, name):
             root.add_module(name, module)
     out = fx.GraphModule(root, graph, gm.__class__.__name__)
-    return out, keep
+    return out, keep, params
 
 
-def _set_attr(root: nn.Module, path: str, value: nn.Parameter) -> None:
+def _set_attr(root: nn.Module, path: str, param: nn.Parameter) -> None:
     *owners, attr = path.split(".")
     module = root
     for part in owners:
         if not hasattr(module, part):
             module.add_module(part, nn.Module())
         module = getattr(module, part)
-    module.register_parameter(attr, nn.Parameter(value.detach(), requires_grad=False))
+    module.register_parameter(attr, param)
+
+
+def tie_parameters(model: fx.GraphModule, params: dict[str, nn.Parameter], result) -> None:
+    """Training: put the user's own Parameter objects into the rewritten `model` wherever a
+    parameter of that name and shape survived; the substitutes' own parameters become constants.
+    A parameter that requires grad and did not survive is an error (see the module docstring)."""
+    own = dict(model.named_parameters())
+    for name, p in params.items():
+        if p.requires_grad and (name not in own or own[name].shape != p.shape):
+            raise FxoptError(_lost(name, params, result))
+    for p in own.values():
+        p.requires_grad_(False)
+    for name, p in params.items():
+        if name in own:
+            _set_attr(model, name, p)
+
+
+def _lost(name: str, params: dict[str, nn.Parameter], result) -> str:
+    for site, module in result.substitutes:
+        if name in site.params:
+            break
+    else:
+        return f"fxopt backend: training: parameter {name} requires grad but is gone from the rewritten graph"
+    rec = next(s for s in result.report["sites"] if s["key"] == site.key)
+    new = ", ".join(n for n, _ in module.named_parameters() if f"{site.key}.{n}" not in params) or "none"
+    return (f"fxopt backend: training: {name} requires grad, but the {rec['substitute']} substitute at site "
+            f"{site.key} replaces it with parameters of its own ({new}) that your optimizer does not hold; "
+            f"freeze that layer (requires_grad_(False)), leave the site out of the rules, or rewrite with "
+            f"fxopt.optimize and train the returned model")
 
 
 def _inner(name: str) -> Callable:
@@ -126,19 +172,27 @@ def fxopt_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | N
     opts = Options.parse(options)
     ruleset = rules_mod.load(opts.rules)
     inner = _inner(opts.inner)
-    const_gm, keep = constants_graph(gm, example_inputs)
+    const_gm, keep, params = constants_graph(gm, example_inputs)
+    training = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
     inputs = [example_inputs[i] for i in keep]
     if not keep or not all(isinstance(t, torch.Tensor) for t in inputs):
         log.info("fxopt backend: graph with non-tensor or no inputs; left to %s", opts.inner)
         return inner(gm, example_inputs)
+    # the rewrite runs the graph several times (validation); on copies, so that buffers it updates
+    # in place (a training-mode BatchNorm's running statistics) are the user's only when the model runs
+    probe = tuple(t.detach().clone() for t in inputs)
     with torch.no_grad():
-        result = rewrite(const_gm, tuple(inputs), ruleset, source=f"dynamo graph {gm.__class__.__name__}")
+        result = rewrite(const_gm, probe, ruleset, source=f"dynamo graph {gm.__class__.__name__}", training=training)
     if opts.validate:
         print_summary(result.report)
     applied = result.report["totals"]["applied"]
-    log.info("fxopt backend: %d site(s) rewritten; inner compiler %s", applied, opts.inner)
+    log.info("fxopt backend: %d site(s) rewritten; inner compiler %s%s", applied, opts.inner,
+             " (training)" if training else "")
     if not applied:
         return inner(gm, example_inputs)
+    if training:
+        tie_parameters(result.model, params, result)
+    result.model.train(training)  # substitutes that behave differently in training (binary, wta_hash)
     compiled = inner(result.model, inputs)
 
     def run(*args):

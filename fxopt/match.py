@@ -54,6 +54,7 @@ class Site:
     module: nn.Module  # the original module, or an equivalent one on the same parameters
     order: int  # execution order among all sites
     module_types: tuple[str, ...] = ()  # class names (MRO) for module calls
+    params: tuple[str, ...] = ()  # qualified names of the parameters the site reads
 
     @property
     def output(self) -> fx.Node:
@@ -201,7 +202,8 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         # subclasses that override forward compute something else: not a plain site
         if isinstance(module, cls) and type(module).forward is cls.forward and node.args:
             types = tuple(c.__name__ for c in type(module).__mro__ if issubclass(c, nn.Module) and c is not nn.Module)
-            return Site("", node.target, op, "module", (node,), node.args[0], module, 0, types)
+            params = tuple(f"{node.target}.{n}" for n, _ in module.named_parameters())
+            return Site("", node.target, op, "module", (node,), node.args[0], module, 0, types, params)
     return None
 
 
@@ -220,7 +222,8 @@ def _functional_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         module = _dense_linear(w, b)
     else:
         module = _dense_conv(op, w, b, args)
-    return Site("", _layer_name(weight.target), op, "functional", (node,), args["input"], module, 0)
+    params = tuple(n.target for n in (weight, bias) if n is not None)
+    return Site("", _layer_name(weight.target), op, "functional", (node,), args["input"], module, 0, (), params)
 
 
 def _matmul_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, Site]]:
@@ -242,8 +245,9 @@ def _matmul_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, Site]]:
             b = _fetch(gm, m["b"].target).detach() if "add" in m else None
             nodes = tuple(n for n in (m.get("t"), mm, m.get("add")) if n is not None)
             taken.add(mm)
+            params = tuple(m[k].target for k in ("w", "b") if k in m)
             site = Site("", _layer_name(m["w"].target), "linear", "matmul", nodes, x,
-                        _dense_linear(weight, b), 0)
+                        _dense_linear(weight, b), 0, (), params)
             out.append((mm, site))
     return out
 

@@ -132,7 +132,8 @@ class _Stages:
 
 def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
              calibration: Iterable[tuple] | None = None, source: str | None = None,
-             layerwise: Layerwise | None = None, time_sites: bool = True, export_program: bool = True) -> Result:
+             layerwise: Layerwise | None = None, time_sites: bool = True, export_program: bool = True,
+             freeze_substitutes: bool = True) -> Result:
     """Rewrite `model` by `rules` (a path, a shipped name such as "kron", or a RuleSet).
 
     Validation runs on the example inputs and on every calibration batch given. `layerwise`
@@ -140,7 +141,8 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     before validation. `time_sites` times every applied site (the gate); rules with
     `require_speedup` are timed whatever it says. Without `export_program` (the torch.compile
     backend) the export stage is skipped, `Result.program` is None and end_to_end checks the
-    rewritten GraphModule itself.
+    rewritten GraphModule itself. Without `freeze_substitutes` (training through the backend)
+    the substitutes keep their training form and the freeze stage is skipped.
     """
     ruleset = rules_mod.load(rules)
     layerwise = layerwise or Layerwise()
@@ -177,11 +179,12 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         with stage("distill"):
             distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise)
     params_after = param_count(gm)  # before freeze: a packed weight is still one weight
-    with stage("freeze"):
-        gm, frozen = freeze(gm, placed)
-        accepted = [(site, frozen.get(site.key, module)) for site, module in accepted]
-        for site, module in accepted:  # what is saved: packed bits for binary
-            records[site.key].bytes_after = storage_bytes(module)
+    if freeze_substitutes:
+        with stage("freeze"):
+            gm, frozen = freeze(gm, placed)
+            accepted = [(site, frozen.get(site.key, module)) for site, module in accepted]
+    for site, module in accepted:  # what is saved: packed bits for binary
+        records[site.key].bytes_after = storage_bytes(module)
     program = None
     if export_program:
         with stage("export"):
@@ -202,11 +205,13 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
 
 
 def rewrite(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
-            source: str | None = None) -> Result:
+            source: str | None = None, training: bool = False) -> Result:
     """The pipeline without export, for the torch.compile backend: sites are validated and
     rolled back as in `optimize`, only rules that ask for it (`require_speedup`) are timed, and
-    `Result.model` is the rewritten GraphModule."""
-    return optimize(model, example_inputs, rules, source=source, time_sites=False, export_program=False)
+    `Result.model` is the rewritten GraphModule (in `training`, with substitutes in their training
+    form: nothing frozen)."""
+    return optimize(model, example_inputs, rules, source=source, time_sites=False, export_program=False,
+                    freeze_substitutes=not training)
 
 
 def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[Site, nn.Module]]]:

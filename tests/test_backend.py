@@ -112,3 +112,90 @@ def test_inductor_inner_matches_the_cli_and_plain_inductor():
         plain = torch.compile(model)(*inputs)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(untouched, plain, rtol=0, atol=0)
+
+
+# --- training through the backend ----------------------------------------------------------------
+
+def _freeze_rewritten(model, inputs, ruleset):
+    """Freeze the layers the rules rewrite (their substitutes are then constants); return the
+    CLI's rewrite of the frozen model and the names of the parameters still training."""
+    result = fxopt.optimize(model, inputs, ruleset, time_sites=False)
+    for site, substitute in result.substitutes:
+        substitute.requires_grad_(False)  # in the CLI's model: a constant, as in the backend's
+        for name in site.params:
+            model.get_parameter(name).requires_grad_(False)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    return result, trained
+
+
+def _step(forward, model, inputs):
+    """One SGD step: the loss and the gradients it gave, by parameter name (then zeroed)."""
+    model.zero_grad(set_to_none=True)
+    loss = forward(*inputs).float().square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("example", ["mlp", "transformer", "cnn"])
+def test_training_step_matches_the_cli_model_and_trains_the_model_own_parameters(example, inner):
+    ex = load_example(example)
+    model, inputs = ex.build_model().train(), ex.example_inputs()
+    twin = ex.build_model().train()
+    twin.load_state_dict(model.state_dict())
+    cli, trained = _freeze_rewritten(twin, inputs, "kron")
+    model.load_state_dict(twin.state_dict())
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trained)
+    assert trained and cli.report["totals"]["applied"]
+    compiled = torch.compile(model, backend="fxopt", options={"rules": "kron", "inner": inner})
+    rewritten = cli.model.train()
+    for _ in range(2):  # the second step runs on the weights the first step updated, in both
+        loss, grads = _step(compiled, model, inputs)
+        loss_cli, grads_cli = _step(rewritten, cli.model, inputs)
+        assert loss == pytest.approx(loss_cli, rel=1e-5)
+        assert set(grads) == set(trained)  # every trainable parameter got its gradient, nothing else
+        for name in trained:
+            torch.testing.assert_close(grads[name], grads_cli[name], rtol=1e-4, atol=1e-6)
+    for name, buffer in model.named_buffers():  # BatchNorm statistics: updated by the two steps only
+        torch.testing.assert_close(buffer, cli.model.get_buffer(name) if name in dict(cli.model.named_buffers())
+                                   else twin.get_buffer(name), rtol=1e-5, atol=1e-6)
+
+
+def test_training_across_a_graph_break():
+    ruleset = rules.parse("version: 1\nrules:\n  - match: {op: linear, name: b}\n    substitute: kron\n"
+                          "    params: {compression: 8, max_flops_ratio: null}\n    tolerance: {cosine: 0.0}\n")
+    torch.manual_seed(5)
+    model, x = Broken().train(), torch.randn(4, 64)
+    twin = Broken().train()
+    twin.load_state_dict(model.state_dict())
+    cli, trained = _freeze_rewritten(twin, (x,), ruleset)  # b: rewritten and frozen; a and c train
+    model.b.requires_grad_(False)
+    graphs = []
+
+    def counting(gm, example_inputs, **kw):
+        graphs.append(gm)
+        return fxopt_backend(gm, example_inputs, options={"rules": ruleset, "inner": "eager"})
+
+    compiled = torch.compile(model, backend=counting)
+    for _ in range(2):
+        loss, grads = _step(compiled, model, (x,))
+        loss_cli, grads_cli = _step(cli.model, cli.model, (x,))
+        assert loss == pytest.approx(loss_cli, rel=1e-5)
+        assert set(grads) == set(trained) == {"a.weight", "a.bias", "c.weight", "c.bias"}
+        for name, g in grads.items():
+            torch.testing.assert_close(g, grads_cli[name], rtol=1e-4, atol=1e-6)
+    assert len(graphs) == 2
+
+
+def test_training_refuses_to_drop_a_trainable_parameter():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).train()
+    compiled = torch.compile(model, backend="fxopt", options={"rules": NO_EXCLUSIONS, "inner": "eager"})
+    with pytest.raises(Exception, match=r"0\.weight requires grad, but the kron substitute at site 0 replaces it "
+                                        r"with parameters of its own \(A, B\)"):
+        compiled(torch.randn(2, 64))

@@ -2,6 +2,10 @@
 
 After a functional site is rewritten, its original weight is still an attribute of the
 GraphModule; dropping it is what makes the saved model smaller.
+
+An in-place method or function (`x.add_(1)`, `torch.relu_`) is kept even when nothing reads its
+result: it is how a Dynamo graph updates a training-mode BatchNorm's `num_batches_tracked`,
+which fx's own dead-code test would drop.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from torch import fx
 
 
 def cleanup(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
     gm.delete_all_unused_submodules()
     used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -25,3 +29,11 @@ def cleanup(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
     gm.graph.lint()
     gm.recompile()
     return gm, dropped
+
+
+def _impure(node: fx.Node) -> bool:
+    if node.op in ("call_method", "call_function"):
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+    return node.is_impure()
