@@ -23,22 +23,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_info  # noqa: E402
+from common import copy_bandwidth, run_info  # noqa: E402
 
 from fxopt.bits import pack_signs  # noqa: E402
 from fxopt.codegen.binary import binary_linear, binary_linear_reference  # noqa: E402
 from fxopt.codegen.registry import use_backend  # noqa: E402
 from fxopt.save import write_json  # noqa: E402
-
-
-def copy_bandwidth(gib: float = 1.0) -> float:
-    """Bytes per second of a device-to-device copy (each byte read once and written once)."""
-    from triton.testing import do_bench
-
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src))
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def case(n: int, k: int, batch: int, bandwidth: float) -> dict:

@@ -29,3 +29,13 @@ def run_info() -> dict:
         "commit": (commit or "unknown") + ("+changes" if dirty else ""),
         "machine": environment(torch.device("cpu")),
     }
+
+
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """Bytes per second of a device-to-device copy on the GPU (each byte read once and written once)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)

@@ -3,6 +3,7 @@ example is a valid rule file."""
 
 import re
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -43,3 +44,19 @@ def test_wta_hash_training_snippet_runs():
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["head"].weight.grad.layout == torch.sparse_coo
     assert namespace["dense_logits"].shape == (128, 100_000)
+
+
+def test_backend_training_snippet_runs():
+    torch._dynamo.reset()
+    snippet = re.search(r"fine-tuning a head on a compressed, frozen backbone:\n\n```python\n(.*?)```", README, re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model[4].weight.grad is not None and model[4].weight.grad.abs().sum() > 0
+    assert model[0].weight.grad is None
+    torch._dynamo.reset()  # the same model with layer 0 trainable: rewritten, so refused
+    model[0].requires_grad_(True)
+    compiled = torch.compile(model, backend="fxopt", options={"rules": "kron", "inner": "eager"})
+    with pytest.raises(Exception, match="0.weight requires grad, but the kron substitute at site 0"):
+        compiled(namespace["x"])
+    torch._dynamo.reset()
