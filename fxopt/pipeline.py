@@ -1,7 +1,7 @@
 """`optimize()`: the whole pipeline, one named stage per line.
 
-    trace → match → build → layerwise → validate → gate → substitute → cleanup → fuse
-          → distill → freeze → export → end_to_end
+    trace → match → build → layerwise → validate → gate → substitute → cleanup → distill
+          → freeze → fuse → export → end_to_end
 
 * trace:      model → GraphModule with shapes (symbolic_trace, else torch.export)
 * match:      every linear/conv site, and the rule (if any) that claims it
@@ -14,13 +14,13 @@
               `require_speedup` keeps the original where the substitute does not pay
 * substitute: the accepted substitutes go into the graph (pass)
 * cleanup:    dead nodes and unused parameters go (pass)
-* fuse:       pointwise chains after a substitute (bias, activation, scaling, residual add, clamp)
-              become its kernel's generated epilogue (pass; fxopt/passes/fuse.py)
 * distill:    (optional) the substitutes trained inside the rewritten model against the
               original model's outputs
 * freeze:     substitutes with a separate inference form switch to it (binary: latent weights →
               1-bit packed words, the same function as the training form in eval mode); the
               gate timed that form and end_to_end measures the frozen model
+* fuse:       pointwise chains after a substitute (bias, activation, scaling, residual add, clamp)
+              become its kernel's generated epilogue (pass; fxopt/passes/fuse.py)
 * export:     the rewritten graph as a torch.export program: what is saved and what `load` returns
 * end_to_end: the exported program against the user's original model
 
@@ -168,12 +168,6 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         gm, placed = substitute(traced.gm, accepted)
     with stage("cleanup"):
         gm, _ = cleanup(gm)
-    with stage("fuse"):
-        gm, fused = fuse(gm)
-        site_of = {p["target"]: p["site"] for p in placed}
-        for f in fused:
-            records[site_of[f["target"]]].epilogue = f["steps"]
-        after = summarize(gm, kept | _placed_nodes(gm, placed))
     distilled = None
     if layerwise.distill_steps and accepted:
         with stage("distill"):
@@ -185,6 +179,12 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
             accepted = [(site, frozen.get(site.key, module)) for site, module in accepted]
     for site, module in accepted:  # what is saved: packed bits for binary
         records[site.key].bytes_after = storage_bytes(module)
+    with stage("fuse"):
+        gm, fused = fuse(gm)
+        site_of = {p["target"]: p["site"] for p in placed}
+        for f in fused:
+            records[site_of[f["target"]]].epilogue = f["steps"]
+        after = summarize(gm, kept | _placed_nodes(gm, placed))
     program = None
     if export_program:
         with stage("export"):

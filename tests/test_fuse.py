@@ -141,6 +141,22 @@ def test_fused_model_saves_and_loads(tmp_path):
         torch.testing.assert_close(loaded(x), result.model(x))
 
 
+def test_a_packed_binary_layer_takes_one_activation_into_its_kernel():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 32)
+    binary = rules.parse("version: 1\nrules:\n  - match: {op: linear}\n    substitute: binary\n"
+                         "    tolerance: {cosine: 0.0}\n")
+    result = fxopt.optimize(model, (x,), binary, time_sites=False)
+    assert [s["epilogue"] for s in result.report["sites"]] == [[["gelu"]], [["relu"]], None]
+    assert [result.model.get_submodule(k).activation for k in ("0", "2", "4")] == ["gelu", "relu", "none"]
+    assert [type(m).__name__ for _, m in result.substitutes] == ["PackedBinaryLinear"] * 3
+    assert all(m.activation == "none" for _, m in result.substitutes)  # the validated forms, unfused
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), _unfused(model, result)(x), rtol=0, atol=0)
+        torch.testing.assert_close(result.program.module()(x), result.model(x))
+
+
 # --- generated source: validation, the disk cache, FXOPT_DEBUG ------------------------------------
 
 @pytest.mark.parametrize("steps,message", [

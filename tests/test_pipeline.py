@@ -119,7 +119,7 @@ def test_report_keys_are_stable():
     assert {"max_abs", "rel_l2", "sqnr_db", "cosine", "top1_agreement", "params_before", "params_after",
             "flops_before", "flops_after", "bytes_before", "bytes_after"} <= set(r["end_to_end"])
     assert [s["name"] for s in r["stages"]] == ["trace", "match", "build", "validate", "gate", "substitute",
-                                                 "cleanup", "fuse", "freeze", "export", "end_to_end"]
+                                                 "cleanup", "freeze", "fuse", "export", "end_to_end"]
     assert r["end_to_end"]["top1_agreement"] is None  # (B, T, D) output is not a classifier
     assert {s["key"]: s["form"] for s in r["sites"]}["qkv_weight"] == "matmul"
 

@@ -1,6 +1,7 @@
 """The fuse pass: pointwise chains after a substitute become that substitute's kernel epilogue.
 
-For every substitute that can run an epilogue (`fuses_epilogue = True`, today `KronLinear`) the
+For every substitute that can run an epilogue (it has `epilogue_capacity(steps)` and
+`with_epilogue(steps)`: `KronLinear` takes any chain, `PackedBinaryLinear` one activation) the
 pass follows its output through the nodes that are its only user, one after another, as long as
 each is a step the epilogue generator knows (fxopt.codegen.epilogue):
 
@@ -20,7 +21,6 @@ absorbed nodes go; the substitute's call takes the extras after its input and ca
 
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Any
 
@@ -49,15 +49,20 @@ def fuse(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
     """Fold each fusable substitute's pointwise chain into it (see the module docstring)."""
     records, erased = [], set()
     for node in list(gm.graph.nodes):
-        if node in erased or node.op != "call_module" or not getattr(gm.get_submodule(node.target), "fuses_epilogue", False):
+        if node in erased or node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not hasattr(module, "epilogue_capacity"):
             continue
         if sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) != 1:
             continue  # a module called twice cannot carry one call's chain
         steps, extras, chain = _follow(gm, node)
+        taken = module.epilogue_capacity(steps)
+        steps, chain = steps[:taken], chain[:taken]
+        extras = extras[:max(0, ep.extras_used(steps) - (len(node.args) - 1))]
         if not chain:
             continue
-        module = copy.copy(gm.get_submodule(node.target))  # shares the parameters; only `epilogue` differs
-        module.epilogue = ep.check(tuple(module.epilogue) + steps, len(node.args) - 1 + len(extras))
+        module = module.with_epilogue(steps)
         owner, _, attr = node.target.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, attr, module)
         last = chain[-1]

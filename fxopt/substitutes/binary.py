@@ -34,6 +34,7 @@ dtype. That is what fxopt saves (about 1/32 of the fp32 bytes for the weight) an
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Mapping
 
@@ -309,6 +310,16 @@ class PackedBinaryLinear(_Packed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return binary_linear(x, self.signs, self.scale, self.bias, self.mask, self.in_features, self.activation)
+
+    def epilogue_capacity(self, steps: tuple) -> int:
+        """The fuse pass may fold one activation into the kernel's epilogue, if it has none yet."""
+        return int(self.activation == "none" and bool(steps) and len(steps[0]) == 1 and steps[0][0] in ACTIVATIONS)
+
+    def with_epilogue(self, steps: tuple) -> "PackedBinaryLinear":
+        (name,), = steps
+        fused = copy.copy(self)
+        fused.activation = name
+        return fused
 
     def dense_weight(self) -> torch.Tensor:
         return self._weight(self.in_features, self.scale.dtype) * self.scale[:, None]

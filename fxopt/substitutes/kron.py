@@ -23,6 +23,7 @@ convolution applied to each of the I1 channel groups, followed by a channel mixi
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Mapping
 
@@ -144,8 +145,6 @@ class KronLinear(_Kron):
     vector) passed after x: `layer(x, *extras)`. Inside the Triton kernel the chain runs before
     the store; in the torch reference, step by step after the GEMMs."""
 
-    fuses_epilogue = True  # what the fuse pass looks for
-
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, error: float = 0.0):
         super().__init__()
         self._setup(a, b, bias, error)
@@ -154,6 +153,16 @@ class KronLinear(_Kron):
     @property
     def epilogue(self) -> ep.Steps:
         return self._epilogue
+
+    def epilogue_capacity(self, steps: ep.Steps) -> int:
+        """How many leading `steps` the fuse pass may fold into this layer: all of them."""
+        return len(steps)
+
+    def with_epilogue(self, steps: ep.Steps) -> "KronLinear":
+        """A copy (sharing the parameters) that also applies `steps` to its output."""
+        fused = copy.copy(self)
+        fused.epilogue = self.epilogue + tuple(steps)
+        return fused
 
     @epilogue.setter
     def epilogue(self, steps) -> None:
