@@ -21,6 +21,7 @@ absorbed nodes go; the substitute's call takes the extras after its input and ca
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -156,9 +157,13 @@ def _step(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> tuple[tuple, fx.
             return None
         if isinstance(other, fx.Node):
             return (name, 0), other
-        if isinstance(other, (int, float)) and not isinstance(other, bool):
+        if _finite_number(other):  # inf/nan stay in the graph: the generated code bakes numbers in
             return (name, float(other)), None
     return None
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _clamp(name: str, args: tuple, kwargs: dict, value: fx.Node) -> tuple[tuple, None] | None:
@@ -175,6 +180,6 @@ def _clamp(name: str, args: tuple, kwargs: dict, value: fx.Node) -> tuple[tuple,
     bounds = (lo, hi)
     if rest or kwargs or bounds == (None, None):
         return None
-    if not all(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in bounds):
+    if not all(b is None or _finite_number(b) for b in bounds):
         return None
     return ("clamp", *(None if b is None else float(b) for b in bounds)), None
