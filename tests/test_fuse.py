@@ -95,6 +95,31 @@ def test_fused_kernels_match_the_unfused_graph():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+class Untraceable(nn.Module):
+    """A shape test in Python: symbolic_trace fails, the torch.export fallback's aten graph is fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 1.0
+        h = torch.clamp(F.gelu(self.a(x)) * 0.5 + x, min=-3.0)
+        return torch.sigmoid(self.b(h)) - h
+
+
+def test_export_fallback_graphs_fuse_their_aten_chains():
+    torch.manual_seed(7)
+    model, x = Untraceable().eval(), torch.randn(4, 32)
+    result = _optimized(model, x)
+    assert result.report["trace"]["method"] == "export"
+    assert {s["key"]: s["epilogue"] for s in result.report["sites"]} == {
+        "a": [["gelu"], ["mul", 0.5], ["add", 0], ["clamp", -3.0, None]], "b": [["sigmoid"], ["sub", 0]]}
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), _unfused(model, result)(x), rtol=0, atol=0)
+
+
 class Shapes(nn.Module):
     def __init__(self):
         super().__init__()

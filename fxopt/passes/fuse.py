@@ -5,9 +5,11 @@ For every substitute that can run an epilogue (it has `epilogue_capacity(steps)`
 pass follows its output through the nodes that are its only user, one after another, as long as
 each is a step the epilogue generator knows (fxopt.codegen.epilogue):
 
-    bias add, scaling, residual add, sub, div     operator.add/…, torch.add/…, Tensor.add/…
-    relu, gelu (exact), silu, sigmoid, tanh      functions, methods, and nn.ReLU/GELU/SiLU/…
-    clamp (min and/or max numbers)               torch.clamp, Tensor.clamp, clamp_min/clamp_max
+    bias add, scaling, residual add, sub, div     operator.add/…, torch.add/…, Tensor.add/…, aten.add.Tensor/…
+    relu, gelu (exact), silu, sigmoid, tanh      functions, methods, aten ops, and nn.ReLU/GELU/SiLU/…
+    clamp (min and/or max numbers)               torch.clamp, Tensor.clamp, clamp_min/clamp_max, aten.clamp
+
+(the aten spellings are what graphs from the torch.export fallback of `trace` hold).
 
 The other operand of a binary step is a number (baked into the generated code) or a tensor
 node that broadcasts to the output without changing its shape or dtype (passed to the kernel as
@@ -31,16 +33,22 @@ from torch import fx, nn
 
 from ..codegen import epilogue as ep
 
+aten = torch.ops.aten
 _UNARY_FUNCTIONS = {
     torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
     F.gelu: "gelu", F.silu: "silu", torch.nn.functional.sigmoid: "sigmoid", torch.nn.functional.tanh: "tanh",
+    aten.relu.default: "relu", aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh",
+    aten.gelu.default: "gelu", aten.silu.default: "silu",
 }
 _UNARY_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _UNARY_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 _BINARY_FUNCTIONS = {
     operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
+    aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul", aten.div.Tensor: "div",
 }
+_CLAMPS = {torch.clamp: "clamp", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
+           aten.clamp.default: "clamp", aten.clamp_min.default: "clamp_min", aten.clamp_max.default: "clamp_max"}
 _BINARY_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
 _SWAPPED = {"add": "add", "mul": "mul", "sub": "rsub", "div": "rdiv"}  # the chain value on the right
 _HARMLESS_KWARGS = {"inplace"}  # F.relu(x, inplace=True) computes what F.relu(x) does
@@ -141,9 +149,10 @@ def _step(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> tuple[tuple, fx.
         if args != (value,) or set(kwargs) - _HARMLESS_KWARGS:
             return None
         return (name,), None
-    if (node.op == "call_function" and target in (torch.clamp, torch.clamp_min, torch.clamp_max)
-            or node.op == "call_method" and target in ("clamp", "clamp_min", "clamp_max")):
-        return _clamp(str(getattr(target, "__name__", target)), args, kwargs, value)
+    if node.op == "call_function" and target in _CLAMPS:
+        return _clamp(_CLAMPS[target], args, kwargs, value)
+    if node.op == "call_method" and target in ("clamp", "clamp_min", "clamp_max"):
+        return _clamp(target, args, kwargs, value)
     if node.op == "call_function" and target in _BINARY_FUNCTIONS or node.op == "call_method" and target in _BINARY_METHODS:
         name = _BINARY_FUNCTIONS.get(target) if node.op == "call_function" else _BINARY_METHODS[target]
         if kwargs or len(args) != 2:  # alpha=, rounding_mode=, out=: not a plain step
