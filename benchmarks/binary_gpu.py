@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, run_info  # noqa: E402
+from common import gpu_bandwidth, gpu_result  # noqa: E402
 
 from fxopt.bits import pack_signs  # noqa: E402
 from fxopt.codegen.binary import binary_linear, binary_linear_reference  # noqa: E402
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="OUTxIN weight shapes")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 512, 2048])
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("binary_gpu.py: needs a CUDA GPU (none found); the CPU tests cover correctness only")
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    bandwidth = gpu_bandwidth("binary_gpu.py")
     rows = []
     for shape in args.shapes:
         n, k = (int(v) for v in shape.lower().split("x"))
@@ -84,11 +81,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"×{r['speedup_vs_dense']:.2f} vs bf16 cuBLAS · ×{r['speedup_vs_compiled']:.2f} vs compiled · "
                   f"{r['bandwidth_fraction'] * 100:.0f}% of bandwidth · rel err {r['rel_error_vs_reference']:.1e}",
                   flush=True)
-    info = run_info()
-    info["machine"]["gpu"] = torch.cuda.get_device_name()
-    result = {**info, "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "rows": rows}
     if args.out:
-        write_json(args.out, result)
+        write_json(args.out, gpu_result(bandwidth, rows))
 
 
 if __name__ == "__main__":

@@ -39,3 +39,20 @@ def copy_bandwidth(gib: float = 1.0) -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src))
     return 2 * src.numel() / (ms * 1e-3)
+
+
+def gpu_bandwidth(script: str) -> float:
+    """Exit with a message where there is no CUDA GPU; else the measured copy bandwidth (printed)."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU (none found); the CPU tests cover correctness only")
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    return bandwidth
+
+
+def gpu_result(bandwidth: float, rows: list[dict]) -> dict:
+    """What a GPU benchmark writes: the run's command, commit and machine (with the GPU's name),
+    the measured bandwidth and the rows."""
+    info = run_info()
+    info["machine"]["gpu"] = torch.cuda.get_device_name()
+    return {**info, "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "rows": rows}

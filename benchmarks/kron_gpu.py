@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, run_info  # noqa: E402
+from common import gpu_bandwidth, gpu_result  # noqa: E402
 
 from fxopt.codegen import epilogue as ep  # noqa: E402
 from fxopt.codegen.kron import kron_linear, kron_linear_reference  # noqa: E402
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--batches", type=int, nargs="+", default=[256, 8192])
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("kron_gpu.py: needs a CUDA GPU (none found); the CPU tests cover correctness only")
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    bandwidth = gpu_bandwidth("kron_gpu.py")
     rows = []
     for rank in args.ranks:
         for batch in args.batches:
@@ -98,11 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"vs dense compiled · ×{r['speedup_vs_unfused_compiled']:.2f} vs unfused compiled · "
                       f"{r['bandwidth_fraction'] * 100:.0f}% of bandwidth · rel err {r['rel_error_vs_reference']:.1e}",
                       flush=True)
-    info = run_info()
-    info["machine"]["gpu"] = torch.cuda.get_device_name()
-    result = {**info, "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "rows": rows}
     if args.out:
-        write_json(args.out, result)
+        write_json(args.out, gpu_result(bandwidth, rows))
 
 
 if __name__ == "__main__":

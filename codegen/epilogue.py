@@ -28,6 +28,7 @@ strings, not nested tuples.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -59,7 +60,7 @@ BINARY = {  # name → (torch, Triton template with {v} the running value and {o
 Steps = tuple[tuple[Any, ...], ...]
 
 
-def check(steps: Sequence[Sequence[Any]], n_extras: int | None = None) -> Steps:
+def check(steps: Sequence[Sequence[Any]]) -> Steps:
     """The chain as a tuple of tuples, or ValueError naming the step at fault."""
     out = []
     for i, step in enumerate(steps):
@@ -67,7 +68,7 @@ def check(steps: Sequence[Sequence[Any]], n_extras: int | None = None) -> Steps:
         name, args = (step[0] if step else None), step[1:]
         if name in UNARY and not args:
             pass
-        elif name in BINARY and len(args) == 1 and _operand_ok(args[0], n_extras):
+        elif name in BINARY and len(args) == 1 and _operand_ok(args[0]):
             args = (args[0] if isinstance(args[0], int) and not isinstance(args[0], bool) else float(args[0]),)
         elif name == "clamp" and len(args) == 2 and all(a is None or _number(a) for a in args):
             args = tuple(None if a is None else float(a) for a in args)
@@ -81,9 +82,9 @@ def _number(a: Any) -> bool:
     return isinstance(a, float) and math.isfinite(a)
 
 
-def _operand_ok(a: Any, n_extras: int | None) -> bool:
+def _operand_ok(a: Any) -> bool:
     if isinstance(a, int) and not isinstance(a, bool):
-        return 0 <= a < MAX_EXTRAS and (n_extras is None or a < n_extras)
+        return 0 <= a < MAX_EXTRAS
     return _number(a)
 
 
@@ -92,7 +93,9 @@ def encode(steps: Sequence[Sequence[Any]]) -> str:
     return json.dumps([list(s) for s in check(steps)], separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=256)
 def decode(text: str) -> Steps:
+    """The chain from its JSON text; cached, since the op decodes its argument on every call."""
     return check(json.loads(text)) if text else ()
 
 
@@ -153,15 +156,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FXOPT_CACHE_DIR") or Path.home() / ".cache" / "fxopt") / "epilogues"
 
 
-_loaded: dict[str, Any] = {}
+_loaded: dict[Steps, Any] = {}  # chain → its JITFunction, once per process (kernels launch per call)
 
 
 def kernel_function(steps: Steps):
     """The JITFunction for `steps`, from the disk cache (written on first use, atomically)."""
+    if steps in _loaded:
+        return _loaded[steps]
     text = source(steps)
     key = hashlib.sha256(text.encode()).hexdigest()[:20]
-    if key in _loaded:
-        return _loaded[key]
     path = cache_dir() / f"epilogue_{key}.py"
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +176,7 @@ def kernel_function(steps: Steps):
     spec = importlib.util.spec_from_file_location(f"fxopt_epilogue_{key}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # Triton reads the function's source back from this file
-    _loaded[key] = module.epilogue
+    _loaded[steps] = module.epilogue
     return module.epilogue
 
 

@@ -29,20 +29,25 @@ from fxopt.codegen.wta_hash import wta_codes
 MAX_BUCKETS = 1 << 22  # K^b per band: the CPU tables hold bands · K^b + 1 offsets
 
 
+def band_shape(k: int, num_hashes: int, bands: int) -> tuple[int, int]:
+    """(codes per band, buckets per band) of L = `num_hashes` codes in `bands` bands, or ValueError."""
+    if num_hashes < 1 or bands < 1 or num_hashes % bands:
+        raise ValueError(f"num_hashes={num_hashes} must be a positive multiple of bands={bands}")
+    size = num_hashes // bands
+    if k ** size > MAX_BUCKETS:
+        raise ValueError(f"k^(num_hashes/bands) = {k}^{size} buckets per band is over {MAX_BUCKETS}; "
+                         "use more bands or a smaller k")
+    return size, k ** size
+
+
 class WTAHash:
     """L = `num_hashes` WTA codes in `bands` bands; the same `seed` gives the same windows."""
 
     def __init__(self, dim: int, k: int, num_hashes: int, bands: int, seed: int = 0):
         if not 2 <= k <= dim:
             raise ValueError(f"WTA window k={k} must lie in [2, dim={dim}]")
-        if num_hashes < 1 or bands < 1 or num_hashes % bands:
-            raise ValueError(f"num_hashes={num_hashes} must be a positive multiple of bands={bands}")
         self.dim, self.k, self.num_hashes, self.bands, self.seed = dim, k, num_hashes, bands, seed
-        self.band_size = num_hashes // bands
-        self.buckets = k ** self.band_size
-        if self.buckets > MAX_BUCKETS:
-            raise ValueError(f"k^(num_hashes/bands) = {k}^{self.band_size} buckets per band is over {MAX_BUCKETS}; "
-                             "use more bands or a smaller k")
+        self.band_size, self.buckets = band_shape(k, num_hashes, bands)
         self.windows = self._windows()
         self.powers = k ** torch.arange(self.band_size)  # band key = Σ_i code_i · k^i
 

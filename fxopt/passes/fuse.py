@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from typing import Any
 
 import torch
@@ -57,13 +58,14 @@ _HARMLESS_KWARGS = {"inplace"}  # F.relu(x, inplace=True) computes what F.relu(x
 def fuse(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
     """Fold each fusable substitute's pointwise chain into it (see the module docstring)."""
     records, erased = [], set()
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")  # module → its call sites
     for node in list(gm.graph.nodes):
         if node in erased or node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
         if not hasattr(module, "epilogue_capacity"):
             continue
-        if sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) != 1:
+        if calls[node.target] != 1:
             continue  # a module called twice cannot carry one call's chain
         steps, extras, chain = _follow(gm, node)
         taken = module.epilogue_capacity(steps)
@@ -83,8 +85,10 @@ def fuse(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
             gm.graph.erase_node(n)
             erased.add(n)
         for n in chain:  # an absorbed nn.ReLU & co. that nothing else calls
-            if n.op == "call_module" and not any(u.op == "call_module" and u.target == n.target for u in gm.graph.nodes):
-                gm.delete_submodule(n.target)
+            if n.op == "call_module":
+                calls[n.target] -= 1
+                if not calls[n.target]:
+                    gm.delete_submodule(n.target)
         records.append({"target": node.target, "steps": [list(s) for s in steps],
                         "nodes": [n.name for n in chain]})
     gm.graph.lint()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.codegen.wta_hash import band_tables, dense_fallback, gathered_linear, uses_tables, wta_select
-from fxopt.wta import MAX_BUCKETS, WTAHash, hash_rows
+from fxopt.wta import WTAHash, band_shape, hash_rows
 
 from . import Decline, Param, SubstituteSpec, non_negative_int, optional, positive_int, register
 
@@ -220,12 +220,7 @@ def _window(value: Any) -> int:
 
 
 def _check(given: Mapping[str, Any]) -> None:
-    k, hashes, bands = given.get("k", 8), given.get("num_hashes", 128), given.get("bands", 32)
-    if hashes % bands:
-        raise ValueError(f"num_hashes={hashes} is not a multiple of bands={bands}")
-    if k ** (hashes // bands) > MAX_BUCKETS:
-        raise ValueError(f"k^(num_hashes/bands) = {k}^{hashes // bands} buckets per band is over {MAX_BUCKETS}; "
-                         "use more bands or a smaller k")
+    band_shape(given.get("k", 8), given.get("num_hashes", 128), given.get("bands", 32))
 
 
 def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
