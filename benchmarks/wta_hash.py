@@ -11,11 +11,14 @@ its class's prototype plus noise, cosine ≈ 0.8 to it). For each class count:
   candidate set, for the layer built from the prototype head (rows aligned with their inputs);
 * the full training step at batch 128: dense = forward, cross-entropy, backward, SGD step;
   hashed = hashing, lookup, sampled softmax over candidates ∪ labels, sparse backward, SGD step
-  on sparse rows, and the table rebuilds every `rebuild_every` steps, on fresh batches and timed
-  over whole rebuild periods so their cost is counted (mean per step, both ways);
+  on sparse rows, updating the class means of an `--index inputs` layer, and the table rebuilds
+  every `rebuild_every` steps, on fresh batches and timed over whole rebuild periods so their
+  cost is counted (mean per step, both ways);
 * (100k only, `--train-classes`) accuracy after training both ways from the same initialisation,
-  on the same long-tailed batches, for the same number of steps, and the recall of a hash index
-  over the head that dense training produced (an SGD-trained head, not a prototype one).
+  on the same long-tailed batches, for the same number of steps: the hashed layer once with each
+  kind of index (`inputs`: the tables hash each class's mean input; `weights`: its weight row),
+  scored through its index and densely; and the recall of a weight index over the head that
+  dense training produced (an SGD-trained head, not a prototype one).
 
     python benchmarks/wta_hash.py --out benchmarks/results/wta_hash_cpu.json
 """
@@ -50,7 +53,7 @@ def xc_example():
 
 def _hash_params(args) -> dict:
     return {"k": args.k, "num_hashes": args.num_hashes, "bands": args.bands, "candidates": args.candidates,
-            "rebuild_every": args.rebuild_every}
+            "rebuild_every": args.rebuild_every, "index": args.index}
 
 
 def inference(dense: nn.Linear, hashed: WTAHashedLinear, x: torch.Tensor, batches, rounds: int) -> dict:
@@ -124,26 +127,41 @@ def step_times(init: nn.Linear, params: dict, data, dense_steps: int, lr: float)
 def train_accuracy(classes: int, params: dict, ex, protos, args) -> dict:
     """Both ways from the same initialisation (no bias, as wide heads usually have none), on the same
     long-tailed batches (Zipf labels), for the same number of steps; scored on fresh samples of
-    the same distribution. Also: the recall of a hash index over the *dense-trained* head."""
+    the same distribution. The hashed layer is trained twice, once with each kind of index (what
+    its tables hash per class: the weight row, or the mean of the class's inputs), and scored
+    through its index and with its weights computed densely. Also: the recall of a weight index
+    over the *dense-trained* head."""
     init = nn.Linear(args.hidden, classes, bias=False)
+    other = "weights" if params["index"] == "inputs" else "inputs"
     t = Trainers(init, params, args.train_lr)
-    seconds = {"dense": 0.0, "wta": 0.0}
+    t2 = Trainers(init, {**params, "index": other}, args.train_lr)
+    seconds = {"dense": 0.0, "wta": 0.0, "wta_other": 0.0}
     for s in range(args.train_steps):
         x, y = ex.samples(protos, args.batch, seed=10_000 + s, zipf=args.zipf)
-        for name, fn in (("dense", t.dense_step), ("wta", t.hashed_step)):
+        for name, fn in (("dense", t.dense_step), ("wta", t.hashed_step), ("wta_other", t2.hashed_step)):
             start = time.perf_counter()
             fn(x, y)
             seconds[name] += time.perf_counter() - start
     x, y = ex.samples(protos, 4096, seed=99, zipf=args.zipf)
-    hashed = t.hashed.eval()
+    score = lambda logits: (logits.argmax(1) == y).float().mean().item()  # noqa: E731
+
+    @torch.no_grad()
+    def scores(layer: WTAHashedLinear) -> dict:
+        layer.eval()
+        own = nn.Linear(args.hidden, classes, bias=False)
+        own.weight.copy_(layer.weight)
+        return {"accuracy": score(layer(x)), "exact_accuracy": score(own(x)), "own_index_recall": recall(own, layer, x),
+                "seconds": seconds["wta" if layer is t.hashed else "wta_other"]}
+
     with torch.no_grad():
-        score = lambda logits: (logits.argmax(1) == y).float().mean().item()  # noqa: E731
-        acc_d, acc_h = score(t.dense(x)), score(hashed(x))
-        acc_h_exact = score(F.linear(x, hashed.weight))
-    index = WTAHashedLinear.from_original(t.dense, **params).eval()
+        acc_d = score(t.dense(x))
+    main, second = scores(t.hashed), scores(t2.hashed)
+    index = WTAHashedLinear.from_original(t.dense, **{**params, "index": "weights"}).eval()
     return {"steps": args.train_steps, "batch": args.batch, "lr": args.train_lr, "zipf": args.zipf, "bias": False,
-            "dense_accuracy": acc_d, "wta_accuracy": acc_h, "wta_trained_exact_accuracy": acc_h_exact,
-            "gap_points": (acc_d - acc_h) * 100, "recall_on_dense_trained_head": recall(t.dense, index, x),
+            "index": params["index"], "dense_accuracy": acc_d, "wta_accuracy": main["accuracy"],
+            "wta_trained_exact_accuracy": main["exact_accuracy"], "gap_points": (acc_d - main["accuracy"]) * 100,
+            "wta_own_index_recall": main["own_index_recall"], f"with_{other}_index": second,
+            "recall_on_dense_trained_head": recall(t.dense, index, x),
             "dense_seconds": seconds["dense"], "wta_seconds": seconds["wta"]}
 
 
@@ -184,6 +202,8 @@ def main(argv=None) -> None:
     p.add_argument("--bands", type=int, default=96)
     p.add_argument("--candidates", type=int, default=128)
     p.add_argument("--rebuild-every", type=int, default=50)
+    p.add_argument("--index", choices=("weights", "inputs"), default="inputs",
+                   help="what the tables hash per class when training: weight rows or the class's input mean")
     p.add_argument("--timed-steps", type=int, default=100, help="hashed training steps timed")
     p.add_argument("--dense-steps", type=int, default=10, help="dense training steps timed")
     p.add_argument("--lr", type=float, default=20.0, help="SGD learning rate of the timed steps")
@@ -207,9 +227,11 @@ def main(argv=None) -> None:
               f"b16 {inf['batch_16']['speedup_vs_dense']:.2f}×  (vs compiled b1 {inf['batch_1']['speedup_vs_compiled']:.2f}×)")
         if "training" in r:
             tr = r["training"]
-            print(f"{'':>16}after {tr['steps']} steps: dense {tr['dense_accuracy']:.3f}, hashed {tr['wta_accuracy']:.3f} "
-                  f"(its weights computed densely: {tr['wta_trained_exact_accuracy']:.3f}); recall@1 of an index "
-                  f"over the dense-trained head {tr['recall_on_dense_trained_head']['recall_at_1']:.3f}")
+            second = next(v for k, v in tr.items() if k.startswith("with_"))
+            print(f"{'':>16}after {tr['steps']} steps: dense {tr['dense_accuracy']:.3f}, hashed ({tr['index']} index) "
+                  f"{tr['wta_accuracy']:.3f} (its weights computed densely: {tr['wta_trained_exact_accuracy']:.3f}; "
+                  f"other index {second['accuracy']:.3f}); recall@1 of a weight index over the dense-trained head "
+                  f"{tr['recall_on_dense_trained_head']['recall_at_1']:.3f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ with recall as its metric, and every kernel under the Triton interpreter against
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -281,32 +282,92 @@ def test_export_keeps_the_tables():
 
 
 def test_training_with_hashing_learns_like_dense_training():
-    """Both ways, from the same start, the same steps: the sampled softmax over hash candidates
-    reaches about the dense layer's accuracy (the benchmark does this at 100k classes)."""
+    """Both ways, from the same start, the same steps, on classes in families that share a
+    direction (the hard case: training pushes a row away from its siblings' shared direction, so
+    the row stops ranking its coordinates like its inputs do). With an index of each class's
+    input mean, accuracy through the index stays within 2 points of dense training; an index of
+    the weight rows falls well behind (the benchmark does this at 100k classes)."""
+    classes, dim, family = 2000, 64, 20
     g = torch.Generator().manual_seed(0)
-    classes, dim = 1000, 64
-    protos = F.normalize(torch.randn(classes, dim, generator=g), dim=1)
+    centres = F.normalize(torch.randn(classes // family, dim, generator=g), dim=1)
+    own = F.normalize(torch.randn(classes, dim, generator=g), dim=1)
+    protos = F.normalize(centres[torch.arange(classes) // family] + 0.5 * own, dim=1)
 
-    def batch(n):
-        y = torch.randint(0, classes, (n,), generator=g)
-        return protos[y] + 0.5 * torch.randn(n, dim, generator=g) / math.sqrt(dim), y
+    def batch(n, gen):
+        y = torch.randint(0, classes, (n,), generator=gen)
+        return protos[y] + 0.5 * torch.randn(n, dim, generator=gen) / math.sqrt(dim), y
 
-    init = nn.Linear(dim, classes)
-    dense, hashed = nn.Linear(dim, classes), WTAHashedLinear.from_original(init, k=8, num_hashes=96, bands=32,
-                                                                            candidates=32, rebuild_every=20)
-    dense.load_state_dict(init.state_dict())
-    opt_d, opt_h = torch.optim.SGD(dense.parameters(), lr=20.0), torch.optim.SGD(hashed.parameters(), lr=20.0)
-    for _ in range(300):
-        x, y = batch(64)
-        opt_d.zero_grad(), opt_h.zero_grad()
+    init = nn.Linear(dim, classes, bias=False)
+    dense = copy.deepcopy(init)
+    hashed = {index: WTAHashedLinear.from_original(init, k=4, num_hashes=96, bands=32, candidates=32,
+                                                   rebuild_every=20, index=index).train()
+              for index in ("weights", "inputs")}
+    opts = [torch.optim.SGD(m.parameters(), lr=300.0) for m in (dense, *hashed.values())]
+    data = torch.Generator().manual_seed(1)
+    for _ in range(400):
+        x, y = batch(64, data)
+        for opt in opts:
+            opt.zero_grad()
         F.cross_entropy(dense(x), y).backward()
-        sampled_softmax_loss(hashed.train(), x, y).backward()
-        opt_d.step(), opt_h.step()
-    x, y = batch(2000)
+        for layer in hashed.values():
+            sampled_softmax_loss(layer, x, y).backward()
+        for opt in opts:
+            opt.step()
+    x, y = batch(4000, torch.Generator().manual_seed(2))
     with torch.no_grad():
-        acc_d = (dense(x).argmax(1) == y).float().mean().item()
-        acc_h = (hashed.eval()(x).argmax(1) == y).float().mean().item()
-    assert acc_d > 0.9 and acc_h >= acc_d - 0.03
+        acc = {name: (m.eval()(x).argmax(1) == y).float().mean().item()
+               for name, m in (("dense", dense), *hashed.items())}
+    assert acc["dense"] > 0.95
+    assert acc["inputs"] >= acc["dense"] - 0.02, acc
+    assert acc["weights"] < acc["dense"] - 0.08, acc
+
+
+def test_input_index_hashes_each_class_mean_of_its_inputs():
+    lin, x = _prototype_layer(classes=600)
+    layer = WTAHashedLinear.from_original(lin, k=8, num_hashes=64, bands=16, candidates=16, rebuild_every=2,
+                                          index="inputs", index_rate=0.25).train()
+    # until a class has been seen, its key is its weight row's
+    assert torch.equal(layer.row_keys, layer.keys(lin.weight.detach()).int())
+    y = torch.tensor([5, 5, 7] + [9] * 61)
+    sampled_softmax_loss(layer, x, y)
+    torch.testing.assert_close(layer.centroids[5], x[:2].mean(0))  # first sight: the plain mean
+    torch.testing.assert_close(layer.centroids[7], x[2])
+    assert layer.seen[[5, 7, 9]].tolist() == [2, 1, 61] and layer.dirty[[5, 7, 9]].all()
+    before = layer.centroids.clone()
+    sampled_softmax_loss(layer, x[:1], torch.tensor([5]))  # rate max(1 / 3, 0.25)
+    torch.testing.assert_close(layer.centroids[5], before[5] + (x[0] - before[5]) / 3)
+    for _ in range(9):
+        sampled_softmax_loss(layer, x[:1], torch.tensor([7]))  # the rate bottoms out at index_rate
+    c = before[7]
+    for n in range(2, 11):
+        c = c + max(1 / n, 0.25) * (x[0] - c)
+    torch.testing.assert_close(layer.centroids[7], c)
+    layer.rebuild(full=False)
+    expect = layer.keys(torch.where(layer.seen[:, None] > 0, layer.centroids, lin.weight.detach())).int()
+    assert torch.equal(layer.row_keys, expect)
+    # learnt state: saved and loaded with the weights; nothing moves outside training
+    clone = WTAHashedLinear(64, 600, k=8, num_hashes=64, bands=16, candidates=16, index="inputs")
+    clone.load_state_dict(layer.state_dict())
+    assert torch.equal(clone.centroids, layer.centroids) and torch.equal(clone.seen, layer.seen)
+    seen = layer.seen.clone()
+    with torch.no_grad():
+        sampled_softmax_loss(layer, x, y)
+    layer.eval()(x)
+    assert torch.equal(layer.seen, seen)
+    assert torch.equal(layer.row_keys, expect)
+
+
+def test_weight_index_keeps_no_centroids_and_bad_index_values_are_refused():
+    layer = WTAHashedLinear(16, 300, k=4, num_hashes=8, bands=4)
+    assert "centroids" not in layer.state_dict()
+    with pytest.raises(ValueError, match="index='rows'"):
+        WTAHashedLinear(16, 300, index="rows")
+    with pytest.raises(ValueError, match="index_rate"):
+        WTAHashedLinear(16, 300, index="inputs", index_rate=0)
+    spec = get("wta_hash")
+    assert spec.parse_params({"index": "inputs"})["index"] == "inputs"
+    with pytest.raises(ValueError, match="expected one of weights, inputs"):
+        spec.parse_params({"index": "labels"})
 
 
 # --- the rewrite ---------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ from fxopt.wta import WTAHash, band_shape, hash_rows
 from . import Decline, Param, SubstituteSpec, non_negative_int, optional, positive_int, register
 
 
+INDEXES = ("weights", "inputs")
+
+
 class WTAHashedLinear(nn.Module):
     """A linear layer that computes only the outputs whose WTA hash bands collide with the input's."""
 
@@ -49,7 +52,8 @@ class WTAHashedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int = 8, num_hashes: int = 128,
                  bands: int = 32, candidates: int = 128, bucket_cap: int | None = 256, rebuild_every: int = 50,
-                 fill: float = -math.inf, seed: int = 0, device=None, dtype=None):
+                 fill: float = -math.inf, seed: int = 0, index: str = "weights", index_rate: float = 1 / 64,
+                 device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
@@ -57,6 +61,11 @@ class WTAHashedLinear(nn.Module):
         h = WTAHash(in_features, k, num_hashes, bands, seed)
         self.k, self.num_hashes, self.bands, self.seed, self.buckets = k, num_hashes, bands, seed, h.buckets
         self.candidates, self.bucket_cap, self.rebuild_every, self.fill = candidates, bucket_cap, rebuild_every, fill
+        if index not in INDEXES:
+            raise ValueError(f"index={index!r}: expected one of {', '.join(INDEXES)}")
+        if not 0 < index_rate <= 1:
+            raise ValueError(f"index_rate={index_rate} must lie in (0, 1]")
+        self.index, self.index_rate = index, index_rate
         self.exact = False
         self.rebuilds = 0
         # Derived from the weights and the seed, so not saved in a state_dict; the tables are
@@ -68,6 +77,9 @@ class WTAHashedLinear(nn.Module):
         buffer("order", torch.zeros(0, dtype=torch.int32, device=device))
         buffer("starts", torch.zeros(0, dtype=torch.long, device=device))
         buffer("dirty", torch.zeros(out_features, dtype=torch.bool, device=device))
+        if index == "inputs":  # learnt from the labels, so saved with the weights
+            self.register_buffer("centroids", torch.zeros(out_features, in_features, device=device, dtype=dtype))
+            self.register_buffer("seen", torch.zeros(out_features, dtype=torch.long, device=device))
         self._steps = 0
         self._version = None  # weight._version when the tables were last built
 
@@ -85,7 +97,7 @@ class WTAHashedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, k={self.k}, "
-                f"num_hashes={self.num_hashes}, bands={self.bands}, candidates={self.candidates}")
+                f"num_hashes={self.num_hashes}, bands={self.bands}, candidates={self.candidates}, index={self.index}")
 
     def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
         """c·D multiply-adds per input for the candidates (hashing and the lookup are compares and
@@ -99,17 +111,44 @@ class WTAHashedLinear(nn.Module):
 
     # --- tables ----------------------------------------------------------------------------------
 
+    def index_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """What the tables hash for each output row (all, or `rows`): its weight row, or with
+        `index="inputs"` the running mean of the inputs labelled with it (its weight row until it
+        has been seen)."""
+        w = self.weight.detach()
+        if self.index == "weights":
+            return w if rows is None else w[rows]
+        if rows is None:
+            return torch.where(self.seen[:, None] > 0, self.centroids, w)
+        return torch.where(self.seen[rows, None] > 0, self.centroids[rows], w[rows])
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """`index="inputs"`: fold a labelled batch into the class centroids. A class's centroid
+        moves to its batch mean at rate max(n_batch / n_seen, index_rate): the plain mean of
+        everything seen while that is short, an exponential moving average after (features of a
+        network in training drift). Its row is rehashed at the next scheduled rebuild."""
+        if self.index != "inputs" or _tracing():
+            return
+        x, target = x.detach().reshape(-1, self.in_features), target.reshape(-1)
+        classes, inverse, counts = target.unique(return_inverse=True, return_counts=True)
+        sums = x.new_zeros(classes.shape[0], self.in_features).index_add_(0, inverse, x)
+        self.seen[classes] += counts
+        rate = torch.clamp(counts / self.seen[classes], min=self.index_rate).to(x.dtype)[:, None]
+        self.centroids[classes] += rate * (sums / counts[:, None].to(x.dtype) - self.centroids[classes])
+        self.dirty[classes] = True
+
     @torch.no_grad()
     def rebuild(self, full: bool = True) -> None:
         """Rehash the rows (all, or those touched by training since the last rebuild) and rebuild
         the tables."""
         w = self.weight.detach()
         if full or self._version is None:
-            self.row_keys.copy_(self.keys(w))
+            self.row_keys.copy_(self.keys(self.index_vectors()))
         else:
             rows = self.dirty.nonzero().squeeze(1)
             if rows.numel():
-                self.row_keys[rows] = self.keys(w[rows]).to(torch.int32)
+                self.row_keys[rows] = self.keys(self.index_vectors(rows)).to(torch.int32)
         if uses_tables(w):  # elsewhere collisions are counted densely, with no tables
             self.order, self.starts = band_tables(self.row_keys, self.buckets)
         self.dirty.zero_()
@@ -177,6 +216,8 @@ def sampled_softmax_loss(layer: WTAHashedLinear, x: torch.Tensor, target: torch.
     paper trains with): equals `F.cross_entropy(layer(x), target)` where the label is a candidate,
     and scores the label against the candidates where it is not. Mean over the inputs."""
     x2, target = x.reshape(-1, layer.in_features), target.reshape(-1)
+    if layer.training_step():
+        layer.observe(x2, target)
     if layer.exact:
         return F.cross_entropy(F.linear(x2, layer.weight, layer.bias), target)
     rows, valid = layer.select(x2)
@@ -209,6 +250,18 @@ def _fill(value: Any) -> float:
         return -math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"expected a number or -inf, got {value!r}")
+    return float(value)
+
+
+def _index(value: Any) -> str:
+    if value not in INDEXES:
+        raise ValueError(f"expected one of {', '.join(INDEXES)}, got {value!r}")
+    return value
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"expected a rate in (0, 1], got {value!r}")
     return float(value)
 
 
@@ -247,6 +300,9 @@ register(SubstituteSpec(
         Param("rebuild_every", "training steps between table rebuilds", 50, positive_int),
         Param("fill", "value of the outputs not computed (-inf for softmax/argmax)", -math.inf, _fill),
         Param("seed", "seed of the hash permutations", 0, non_negative_int),
+        Param("index", "what the tables hash per class: its weight row (weights) or, once training has shown "
+              "it labelled inputs, their running mean (inputs)", "weights", _index),
+        Param("index_rate", "index=inputs: smallest rate at which a class's mean follows its inputs", 1 / 64, _rate),
     ),
     build=_build,
     check=_check,
