@@ -173,6 +173,9 @@ def backend(r: dict) -> list[str]:
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 
+INDEX = {"inputs": "class input means", "weights": "weight rows"}  # what a WTA layer's tables hash per class
+
+
 def wta_hash(r: dict) -> list[str]:
     p = r["rows"][0]["params"]
     lines = [
@@ -197,12 +200,18 @@ def wta_hash(r: dict) -> list[str]:
     for x in r["rows"]:
         if "training" in x:
             tr = x["training"]
+            other = next(k for k in tr if k.startswith("with_"))
+            o = tr[other]
             lines += ["", f"Training both ways at {x['classes']:,} classes from the same initialisation (no bias), "
                       f"{tr['steps']} SGD steps of batch {tr['batch']} (lr {tr['lr']:g}, Zipf {tr['zipf']:g} labels), scored on "
-                      f"fresh samples: dense {tr['dense_accuracy']:.3f}; hashed {tr['wta_accuracy']:.3f} through its index, "
-                      f"{tr['wta_trained_exact_accuracy']:.3f} with its weights computed densely. An index over the "
-                      f"dense-trained head finds its top class for {tr['recall_on_dense_trained_head']['recall_at_1']:.3f} "
-                      f"of the inputs. Seconds spent training: dense {tr['dense_seconds']:.0f}, hashed {tr['wta_seconds']:.0f}."]
+                      f"fresh samples: dense {tr['dense_accuracy']:.3f}; hashed with an index of {INDEX[tr['index']]}: "
+                      f"{tr['wta_accuracy']:.3f} through its index (gap {tr['gap_points']:.2f} points; its own index finds "
+                      f"its top class for {tr['wta_own_index_recall']['recall_at_1']:.3f} of the inputs), "
+                      f"{tr['wta_trained_exact_accuracy']:.3f} with its weights computed densely; hashed with an index of "
+                      f"{INDEX[other[5:-6]]}: {o['accuracy']:.3f} through its index, {o['exact_accuracy']:.3f} densely. An index "
+                      f"over the dense-trained head's weights finds its top class for "
+                      f"{tr['recall_on_dense_trained_head']['recall_at_1']:.3f} of the inputs. Seconds spent training: "
+                      f"dense {tr['dense_seconds']:.0f}, hashed {tr['wta_seconds']:.0f} and {o['seconds']:.0f}."]
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 
