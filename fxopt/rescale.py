@@ -35,7 +35,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -356,13 +356,26 @@ class Phase:
     seconds: float
 
 
+def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Re-estimate every batch-norm layer's running statistics on `batches` (full-resolution
+    inputs), in place. A model carried up from low resolution keeps the statistics its feature
+    maps had at low resolution, which no longer hold: finer maps carry detail (and noise) that
+    ↓ averaged away. `torch.optim.swa_utils.update_bn` does the work: a forward pass per batch
+    in train mode without gradients, the statistics a plain mean over all of them."""
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn(batches, model)  # a no-op without batch norm
+    return model
+
+
 def schedule(model: nn.Module, example_inputs: tuple, factor: float, low_epochs: int, full_epochs: int,
-             train_epoch: Callable[[nn.Module, float, int], None], rules: str | rules_mod.RuleSet = "rescale"
-             ) -> tuple[nn.Module, list[Phase], Rescaled]:
+             train_epoch: Callable[[nn.Module, float, int], None], rules: str | rules_mod.RuleSet = "rescale",
+             bn_batches: Iterable[torch.Tensor] | None = None) -> tuple[nn.Module, list[Phase], Rescaled]:
     """Rewrite down, train `low_epochs` at 1/factor resolution, rewrite up, train `full_epochs` at
     full resolution. `train_epoch(model, scale, epoch)` trains one epoch with inputs downsampled
-    by `scale` (1.0 at full resolution; use `downsample_input`). Returns the trained
-    full-resolution model and the time of each phase (rewrites included)."""
+    by `scale` (1.0 at full resolution; use `downsample_input`). With `bn_batches` (full-resolution
+    inputs), the carried-up model's batch-norm statistics are re-estimated on them first
+    (`recalibrate`; its time counts in the full phase). Returns the trained full-resolution model
+    and the time of each phase (rewrites included)."""
     phases = []
     start = time.perf_counter()
     low = down(model, example_inputs, factor, rules)
@@ -371,6 +384,8 @@ def schedule(model: nn.Module, example_inputs: tuple, factor: float, low_epochs:
     full = up(low, like=model) if low_epochs else copy.deepcopy(model)
     phases.append(Phase("low", low_epochs, time.perf_counter() - start))
     start = time.perf_counter()
+    if low_epochs and bn_batches is not None:
+        recalibrate(full, bn_batches)
     for epoch in range(full_epochs):
         train_epoch(full, 1.0, low_epochs + epoch)
     phases.append(Phase("full", full_epochs, time.perf_counter() - start))

@@ -67,10 +67,17 @@ def test_binary_digits_demo_runs_end_to_end(tmp_path):
 def test_rescale_experiment_runs_end_to_end(tmp_path):
     out = tmp_path / "r.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rescale_cnn.py"), "--out", str(out), "--seeds", "0",
-                    "--train", "128", "--test", "64", "--size", "32", "--epochs", "2", "--low-epochs", "1"],
+                    "--train", "128", "--test", "64", "--size", "32", "--epochs", "2", "--low-epochs", "1",
+                    "--full-epochs", "1", "--bn-images", "100", "--models", "overfeat_large", "resnet_dw", "resnet"],
                    check=True, capture_output=True, cwd=tmp_path)
     rows = json.loads(out.read_text())["rows"]
-    assert {r["model"] for r in rows} == {"overfeat", "resnet"}
+    assert [r["model"] for r in rows] == ["overfeat_large", "resnet_dw", "resnet"]
     for r in rows:
         assert [p["name"] for p in r["rescaled"]["phases"]] == ["low", "full"]
+        assert r["rescaled"]["recalibrated_test_accuracy"] is not None
+        kept = [layer["before"]["kernel"] for layer in r["rescaled"]["layers"]
+                if layer["kind"] == "conv" and layer["status"] == "kept"]
         assert any(layer["status"] == "rescaled" for layer in r["rescaled"]["layers"])
+        # the large-kernel models rescale every spatial kernel (1×1 convs need nothing); resnet keeps its 3×3s
+        expected = {"overfeat_large": [], "resnet_dw": [[1, 1]] * len(kept), "resnet": kept}[r["model"]]
+        assert kept == expected and (r["model"] != "resnet" or [3, 3] in kept)

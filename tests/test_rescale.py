@@ -155,3 +155,41 @@ def test_schedule_trains_low_then_full_and_times_each_phase():
     assert seen == [(0, (16, 16), (3, 3)), (1, (16, 16), (3, 3)), (2, (32, 32), (5, 5))]
     assert [p.name for p in phases] == ["low", "full"] and all(p.seconds > 0 for p in phases)
     assert full[0].weight.shape == model[0].weight.shape and not torch.equal(full[0].weight, model[0].weight)
+
+
+def test_recalibrate_re_estimates_batch_norm_statistics_on_full_resolution_inputs():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(32, 3, 16, 16)
+    low = rescale.down(model, (x,), 2)
+    low.model.train()
+    with torch.no_grad():  # statistics of the low-resolution maps
+        for _ in range(20):
+            low.model(rescale.downsample_input(x, 2))
+    full = rescale.up(low, like=model).eval()
+    batches = [x[:16], x[16:]]
+    with torch.no_grad():
+        maps = full[0](x)
+    assert not torch.allclose(full[1].running_var, maps.var((0, 2, 3)), rtol=0.05)
+    assert rescale.recalibrate(full, batches) is full and not full.training
+    torch.testing.assert_close(full[1].running_mean, maps.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # a plain mean of the per-batch (unbiased) variances
+    per_batch = torch.stack([maps[:16].var((0, 2, 3)), maps[16:].var((0, 2, 3))]).mean(0)
+    torch.testing.assert_close(full[1].running_var, per_batch, rtol=1e-4, atol=1e-5)
+    assert full[1].momentum == 0.1
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3))
+    before = plain[0].weight.clone()
+    rescale.recalibrate(plain, batches)
+    assert torch.equal(plain[0].weight, before)
+
+
+def test_schedule_recalibrates_the_carried_up_model_when_given_batches():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(8, 3, 16, 16)
+    full, _, _ = rescale.schedule(model, (x,), 2, 1, 0, lambda m, scale, epoch: m.train()(rescale.downsample_input(x, 2)),
+                                  bn_batches=[x])
+    with torch.no_grad():
+        torch.testing.assert_close(full[1].running_mean, full[0](x).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
