@@ -146,8 +146,12 @@ def rescale_cnn(r: dict) -> list[str]:
         plan = [f"images; {st['epochs']} epochs of SGD (lr {st['lr']}, cosine) either all at full resolution or {st['low_epochs']} at",
                 f"1/{st['factor']:g} resolution with rescaled kernels, then the rest at full resolution; same initialisation.",
                 "`carried up` is the test accuracy of the model the full-resolution phase starts from."]
+    models = ", ".join(dict.fromkeys(x["model"] for x in r["rows"]))
+    if "full_epochs" not in st:
+        plan[-1] += (" This first experiment was written to `rescale_cnn_cpu.json`, renamed since; its models "
+                     "keep 3×3 kernels, which do not rescale.")
     lines = [
-        "## Kernel rescaling: low-resolution start against full-resolution training (CPU)", "", machine(r), "",
+        f"## Kernel rescaling: low-resolution start against full-resolution training (CPU): {models}", "", machine(r), "",
         f"`benchmarks/rescale_cnn.py`: shapes task at {st['size']}×{st['size']}, {st['train']:,} training and {st['test']:,} test",
         *plan, "",
         "| model | seed | full: accuracy · seconds | rescaled: accuracy · seconds (low + full) | time saved | accuracy change "
@@ -235,7 +239,7 @@ def main() -> None:
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
     files += [("binary_digits_cpu.json", binary_digits), ("rescale_cnn_cpu.json", rescale_cnn),
-              ("rescale_cnn_3x3_cpu.json", rescale_cnn),
+              ("rescale_cnn_resnet_dw_5full_cpu.json", rescale_cnn), ("rescale_cnn_3x3_cpu.json", rescale_cnn),
               ("backend_cpu.json", backend), ("wta_hash_cpu.json", wta_hash)]
     for name, fmt in files:
         path = RESULTS / name

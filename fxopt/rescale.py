@@ -27,6 +27,11 @@ smooth inputs, and the model's output after ↓ then ↑ against the original's.
     >>> low = down(model, (x,), factor=2)          # a new model for inputs of half the size
     >>> train(low.model, F.interpolate(x, scale_factor=0.5, mode="area"))
     >>> full = up(low, like=model)                 # the original architecture, kernels carried up
+    >>> recalibrate(full, batches)                 # batch-norm statistics of the full-resolution maps
+
+`schedule(...)` runs it all (down, low epochs, up, recalibrate, full epochs) and times each phase.
+Kernels below `min_kernel` (3×3) cannot shrink: they run unchanged on maps s times coarser, and
+carried up they read features at the wrong scale; benchmarks/rescale_cnn.py measures both kinds.
 """
 
 from __future__ import annotations
