@@ -239,7 +239,7 @@ def main() -> None:
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
     files += [("binary_digits_cpu.json", binary_digits), ("rescale_cnn_cpu.json", rescale_cnn),
-              ("rescale_cnn_resnet_dw_5full_cpu.json", rescale_cnn), ("rescale_cnn_3x3_cpu.json", rescale_cnn),
+              ("rescale_cnn_resnet_dw_5full_cpu.json", rescale_cnn), ("rescale_cnn_resnet_dw_6low_cpu.json", rescale_cnn), ("rescale_cnn_3x3_cpu.json", rescale_cnn),
               ("backend_cpu.json", backend), ("wta_hash_cpu.json", wta_hash)]
     for name, fmt in files:
         path = RESULTS / name

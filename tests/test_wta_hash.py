@@ -297,6 +297,7 @@ def test_training_with_hashing_learns_like_dense_training():
         y = torch.randint(0, classes, (n,), generator=gen)
         return protos[y] + 0.5 * torch.randn(n, dim, generator=gen) / math.sqrt(dim), y
 
+    torch.manual_seed(0)  # the initialisation, whatever ran before
     init = nn.Linear(dim, classes, bias=False)
     dense = copy.deepcopy(init)
     hashed = {index: WTAHashedLinear.from_original(init, k=4, num_hashes=96, bands=32, candidates=32,
