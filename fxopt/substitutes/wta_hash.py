@@ -16,6 +16,12 @@ touched since the last rebuild are rehashed and the tables rebuilt (that cost la
 step that triggers it, so timing a run counts it); in eval mode any change of the weights since the
 last build (an optimizer step, `load_state_dict`) triggers a full rebuild before the next forward.
 
+What the tables hash per class is `index`: its weight row ("weights", the paper's way), or the
+running mean of the inputs labelled with it ("inputs": `observe`, called by `sampled_softmax_loss`
+in training steps; call it yourself if you train with another loss). Train with "inputs":
+training pushes a row away from the direction its class shares with its confusers, so a trained
+row stops ranking its coordinates like its inputs and a weight index loses the true class.
+
 `exact = True` (or `exact(model)`, a context manager) computes the dense layer instead: the
 reference to compare against. With `candidates ≥ out_features` every row is a candidate and the
 layer equals the dense one (forward and gradients, to float rounding). An input that shares no band
