@@ -32,7 +32,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/layerwise_cnn.py --out benchmarks/results/layerwise_cnn_cpu.json
 	$(BIN)/python benchmarks/layerwise_cnn.py --seed 1 --out benchmarks/results/layerwise_cnn_seed1_cpu.json
 	$(BIN)/python benchmarks/binary_digits.py --seeds 0 1 2 3 4 --out benchmarks/results/binary_digits_cpu.json
-	$(BIN)/python benchmarks/rescale_cnn.py --seeds 0 1 --out benchmarks/results/rescale_cnn_cpu.json
+	$(BIN)/python benchmarks/rescale_cnn.py --seeds 0 1 2 --out benchmarks/results/rescale_cnn_cpu.json
+	$(BIN)/python benchmarks/rescale_cnn.py --models resnet_dw --full-epochs 5 --seeds 0 1 2 --out benchmarks/results/rescale_cnn_resnet_dw_5full_cpu.json
+	$(BIN)/python benchmarks/rescale_cnn.py --models resnet_dw --low-epochs 6 --seeds 0 1 2 --out benchmarks/results/rescale_cnn_resnet_dw_6low_cpu.json
 	$(BIN)/python benchmarks/backend.py --out benchmarks/results/backend_cpu.json
 	$(BIN)/python benchmarks/wta_hash.py --out benchmarks/results/wta_hash_cpu.json
 	$(BIN)/python benchmarks/wta_trained_recall.py --out benchmarks/results/wta_trained_recall_cpu.json

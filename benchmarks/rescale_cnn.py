@@ -50,11 +50,12 @@ from fxopt import rescale  # noqa: E402
 from fxopt.save import write_json  # noqa: E402
 
 
-def overfeat(size: int = 64, classes: int = 10) -> nn.Module:
+def overfeat(size: int = 64, classes: int = 10, third: int = 3) -> nn.Module:
+    """7×7/2 → 5×5 → `third`×`third`, each followed by batch norm, ReLU and a 2×2 max pool."""
     return nn.Sequential(
         nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),   # 64 → 16
         nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),             # → 8
-        nn.Conv2d(64, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(), nn.MaxPool2d(2),             # → 4
+        nn.Conv2d(64, 96, third, padding=third // 2), nn.BatchNorm2d(96), nn.ReLU(), nn.MaxPool2d(2),  # → 4
         nn.Flatten(), nn.Linear(96 * (size // 16) ** 2, 128), nn.ReLU(), nn.Linear(128, classes))
 
 
@@ -81,11 +82,7 @@ def resnet(size: int = 64, classes: int = 10) -> nn.Module:
 
 
 def overfeat_large(size: int = 64, classes: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),   # 64 → 16
-        nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),             # → 8
-        nn.Conv2d(64, 96, 5, padding=2), nn.BatchNorm2d(96), nn.ReLU(), nn.MaxPool2d(2),             # → 4
-        nn.Flatten(), nn.Linear(96 * (size // 16) ** 2, 128), nn.ReLU(), nn.Linear(128, classes))
+    return overfeat(size, classes, third=5)
 
 
 class DepthwiseBlock(nn.Module):
@@ -187,11 +184,13 @@ def run(name: str, args, data, seed: int) -> dict:
     out["rescaled"] = {"seconds": round(sum(p.seconds for p in phases), 1), "test_accuracy": accuracy(full, xt, yt),
                        "phases": [{"name": p.name, "epochs": p.epochs, "seconds": round(p.seconds, 1)} for p in phases],
                        "low_resolution_test_accuracy": accuracy(low.model, rescale.downsample_input(xt, args.factor), yt),
-                       # the model the full-resolution phase started from (low.model is the trained one)
-                       "carried_up_test_accuracy": accuracy(rescale.up(low, like=init), xt, yt) if low_epochs else None,
-                       "recalibrated_test_accuracy": accuracy(rescale.recalibrate(rescale.up(low, like=init), bn_batches), xt, yt)
-                       if low_epochs and bn_batches else None,
                        "layers": low.report()["layers"]}
+    # the model the full-resolution phase started from (low.model is the trained one), before and
+    # after the batch-norm re-estimation
+    carried = rescale.up(low, like=init) if low_epochs else None
+    out["rescaled"]["carried_up_test_accuracy"] = accuracy(carried, xt, yt) if carried is not None else None
+    out["rescaled"]["recalibrated_test_accuracy"] = \
+        accuracy(rescale.recalibrate(carried, bn_batches), xt, yt) if carried is not None and bn_batches else None
     out["time_saved"] = round(1 - out["rescaled"]["seconds"] / out["full"]["seconds"], 3)
     out["accuracy_change"] = round(out["rescaled"]["test_accuracy"] - out["full"]["test_accuracy"], 2)
     checked = rescale.check(init.eval(), rescale.down(init, example, args.factor), example)

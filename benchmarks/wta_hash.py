@@ -31,6 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ def inference(dense: nn.Linear, hashed: WTAHashedLinear, x: torch.Tensor, batche
 
 
 @torch.no_grad()
-def recall(dense: nn.Linear, hashed: WTAHashedLinear, x: torch.Tensor) -> dict:
+def recall(dense: Callable[[torch.Tensor], torch.Tensor], hashed: WTAHashedLinear, x: torch.Tensor) -> dict:
     top = dense(x).topk(5, dim=1).indices
     rows, valid = hashed.select(x)
     hit = (rows[:, None, :] == top[:, :, None]) & valid[:, None, :]
@@ -146,16 +147,15 @@ def train_accuracy(classes: int, params: dict, ex, protos, args) -> dict:
     score = lambda logits: (logits.argmax(1) == y).float().mean().item()  # noqa: E731
 
     @torch.no_grad()
-    def scores(layer: WTAHashedLinear) -> dict:
+    def scores(layer: WTAHashedLinear, timed: str) -> dict:
         layer.eval()
-        own = nn.Linear(args.hidden, classes, bias=False)
-        own.weight.copy_(layer.weight)
-        return {"accuracy": score(layer(x)), "exact_accuracy": score(own(x)), "own_index_recall": recall(own, layer, x),
-                "seconds": seconds["wta" if layer is t.hashed else "wta_other"]}
+        dense = lambda v: F.linear(v, layer.weight, layer.bias)  # noqa: E731  its own weights, every row
+        return {"accuracy": score(layer(x)), "exact_accuracy": score(dense(x)),
+                "own_index_recall": recall(dense, layer, x), "seconds": seconds[timed]}
 
     with torch.no_grad():
         acc_d = score(t.dense(x))
-    main, second = scores(t.hashed), scores(t2.hashed)
+    main, second = scores(t.hashed, "wta"), scores(t2.hashed, "wta_other")
     index = WTAHashedLinear.from_original(t.dense, **{**params, "index": "weights"}).eval()
     return {"steps": args.train_steps, "batch": args.batch, "lr": args.train_lr, "zipf": args.zipf, "bias": False,
             "index": params["index"], "dense_accuracy": acc_d, "wta_accuracy": main["accuracy"],

@@ -37,7 +37,7 @@ from ..codegen import epilogue as ep
 aten = torch.ops.aten
 _UNARY_FUNCTIONS = {
     torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
-    F.gelu: "gelu", F.silu: "silu", torch.nn.functional.sigmoid: "sigmoid", torch.nn.functional.tanh: "tanh",
+    F.gelu: "gelu", F.silu: "silu", F.sigmoid: "sigmoid", F.tanh: "tanh",
     aten.relu.default: "relu", aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh",
     aten.gelu.default: "gelu", aten.silu.default: "silu",
 }
@@ -163,7 +163,7 @@ def _step(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> tuple[tuple, fx.
             return None
         left, right = args
         if left is value and right is not value:
-            name, other = name, right
+            other = right
         elif right is value and left is not value:
             name, other = _SWAPPED[name], left
         else:

@@ -149,6 +149,8 @@ class KronLinear(_Kron):
         super().__init__()
         self._setup(a, b, bias, error)
         self.epilogue = ()
+        m1, m2, n1, n2 = self.factors
+        self.in_features, self.out_features = n1 * n2, m1 * m2
 
     @property
     def epilogue(self) -> ep.Steps:
@@ -168,8 +170,6 @@ class KronLinear(_Kron):
     def epilogue(self, steps) -> None:
         self._epilogue = ep.check(steps)
         self._epilogue_text = ep.encode(self._epilogue)  # the op's argument, encoded once (Dynamo can't trace json)
-        m1, m2, n1, n2 = self.factors
-        self.in_features, self.out_features = n1 * n2, m1 * m2
 
     @classmethod
     def from_original(cls, linear: nn.Linear, rank: int | str | None = None, compression: float | None = 32.0,
