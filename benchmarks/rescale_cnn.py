@@ -26,6 +26,11 @@ the carry-up at 40% of the peak rate and ended 1–2 points lower). Wall time co
 rewrites and the batch-norm re-estimation, not evaluation. Seeds set the data, the
 initialisation and the batch order.
 
+One seed's accuracy change is one draw from the run-to-run noise of training: `--replicates N`
+trains the full-resolution run N more times from the same initialisation with other batch orders,
+and the summary gives, per model, the mean change over seeds with its 95% confidence interval
+next to the same statistics for the full-resolution run against itself.
+
     python benchmarks/rescale_cnn.py --out benchmarks/results/rescale_cnn_cpu.json
 """
 
@@ -34,10 +39,12 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,23 +164,38 @@ class Trainer:
             self.opt.step()
 
 
+def train_full(init: nn.Module, data, args, order_seed: int, curve: bool = True) -> dict:
+    """`args.epochs` epochs at full resolution from a copy of `init`, batches in the order that
+    `order_seed` draws; the test accuracy after every epoch (`curve`) or only the last."""
+    (x, y), (xt, yt) = data
+    model = copy.deepcopy(init)
+    trainer = Trainer(x, y, {1.0: (args.epochs, args.lr)}, args.batch, order_seed)
+    epochs = []
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        trainer(model, 1.0, epoch)
+        epochs.append({"epoch": epoch + 1, "seconds": time.perf_counter() - t0})
+        if curve or epoch == args.epochs - 1:
+            epochs[-1]["test_accuracy"] = accuracy(model, xt, yt)
+    out = {"seconds": round(sum(c["seconds"] for c in epochs), 1), "test_accuracy": epochs[-1]["test_accuracy"]}
+    if curve:
+        out["curve"] = _rounded(epochs)
+    else:
+        out["order_seed"] = order_seed
+    return out
+
+
 def run(name: str, args, data, seed: int) -> dict:
     (x, y), (xt, yt) = data
     torch.manual_seed(seed)
     init = MODELS[name](args.size)
     example = (x[:2],)
     out = {"model": name, "seed": seed}
-    # (a) full resolution throughout
-    model = copy.deepcopy(init)
-    trainer = Trainer(x, y, {1.0: (args.epochs, args.lr)}, args.batch, seed)
-    curve = []
-    for epoch in range(args.epochs):
-        t0 = time.perf_counter()
-        trainer(model, 1.0, epoch)
-        curve.append({"epoch": epoch + 1, "seconds": time.perf_counter() - t0})
-        curve[-1]["test_accuracy"] = accuracy(model, xt, yt)
-    out["full"] = {"seconds": round(sum(c["seconds"] for c in curve), 1), "test_accuracy": curve[-1]["test_accuracy"],
-                   "curve": _rounded(curve)}
+    # (a) full resolution throughout; replicates: the same again with other batch orders
+    out["full"] = train_full(init, data, args, seed)
+    if args.replicates:
+        out["replicates"] = [train_full(init, data, args, seed + 100 * k, curve=False)
+                             for k in range(1, args.replicates + 1)]
     # (b) the rescaling schedule: low-resolution epochs first, then full resolution
     low_epochs, full_epochs = args.low_epochs, args.full_epochs
     trainer = Trainer(x, y, {args.factor: (low_epochs, args.lr), 1.0: (full_epochs, args.lr * args.full_lr)}, args.batch,
@@ -193,9 +215,39 @@ def run(name: str, args, data, seed: int) -> dict:
         accuracy(rescale.recalibrate(carried, bn_batches), xt, yt) if carried is not None and bn_batches else None
     out["time_saved"] = round(1 - out["rescaled"]["seconds"] / out["full"]["seconds"], 3)
     out["accuracy_change"] = round(out["rescaled"]["test_accuracy"] - out["full"]["test_accuracy"], 2)
+    if args.replicates:  # the full-resolution run against itself: the noise an accuracy change sits in
+        out["replicate_change"] = [round(r["test_accuracy"] - out["full"]["test_accuracy"], 2) for r in out["replicates"]]
     checked = rescale.check(init.eval(), rescale.down(init, example, args.factor), example)
     out["untrained_round_trip_rel_l2"] = round(checked["round_trip_rel_l2"], 4)
     return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per model, over seeds: time saved (mean, range) and the accuracy change's mean with a 95%
+    confidence interval (Student's t over the per-seed differences, which pair runs from the same
+    initialisation and data); with replicates, the same for the full-resolution run against
+    itself under another batch order, the run-to-run noise a single seed's change sits in."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        saved = [r["time_saved"] for r in mine]
+        out[model] = {"seeds": [r["seed"] for r in mine],
+                      "time_saved": {"mean": round(statistics.fmean(saved), 3), "min": min(saved), "max": max(saved)},
+                      "accuracy_change": _mean_ci([r["accuracy_change"] for r in mine])}
+        noise = [d for r in mine for d in r.get("replicate_change", [])]
+        if noise:
+            out[model]["replicate_change"] = {**_mean_ci(noise), "max_abs": max(abs(d) for d in noise)}
+    return out
+
+
+def _mean_ci(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": round(mean, 2), "n": len(values)}
+    sd = statistics.stdev(values)
+    half = scipy.stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+    return {"mean": round(mean, 2), "sd": round(sd, 2), "ci95": [round(mean - half, 2), round(mean + half, 2)],
+            "n": len(values)}
 
 
 def _rounded(curve):
@@ -213,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=10, help="epochs of the full-resolution run")
     ap.add_argument("--low-epochs", type=int, default=8, help="rescaled run: epochs at 1/factor resolution")
     ap.add_argument("--full-epochs", type=int, default=6, help="rescaled run: epochs at full resolution after")
+    ap.add_argument("--replicates", type=int, default=0,
+                    help="extra full-resolution runs per seed, same initialisation, other batch orders (the noise floor)")
     ap.add_argument("--bn-images", type=int, default=1000,
                     help="training images the carried-up model's batch-norm statistics are re-estimated on (0: none)")
     ap.add_argument("--factor", type=float, default=2.0)
@@ -229,10 +283,19 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(r)
             print(f"{name:9} seed {seed}: full {r['full']['test_accuracy']:.2f}% in {r['full']['seconds']:.0f} s · "
                   f"rescaled {r['rescaled']['test_accuracy']:.2f}% in {r['rescaled']['seconds']:.0f} s · "
-                  f"time saved {r['time_saved'] * 100:.0f}% · accuracy {r['accuracy_change']:+.2f} pt", flush=True)
+                  f"time saved {r['time_saved'] * 100:.0f}% · accuracy {r['accuracy_change']:+.2f} pt"
+                  + (f" · replicates {r['replicate_change']}" if args.replicates else ""), flush=True)
     settings = {k: getattr(args, k) for k in ("train", "test", "size", "epochs", "low_epochs", "full_epochs", "bn_images",
-                                              "factor", "batch", "lr", "full_lr")}
-    result = {**run_info(), "settings": settings, "threads": torch.get_num_threads(), "rows": rows}
+                                              "factor", "batch", "lr", "full_lr", "replicates")}
+    summary = summarize(rows)
+    for name, m in summary.items():
+        change = m["accuracy_change"]
+        ci = f" (95% CI {change['ci95'][0]:+.2f} to {change['ci95'][1]:+.2f})" if "ci95" in change else ""
+        noise = m.get("replicate_change")
+        print(f"{name:9} over seeds {m['seeds']}: time saved {m['time_saved']['mean'] * 100:.0f}% "
+              f"({m['time_saved']['min'] * 100:.0f}–{m['time_saved']['max'] * 100:.0f}%) · accuracy {change['mean']:+.2f} pt{ci}"
+              + (f" · full vs full: sd {noise.get('sd', 0):.2f} pt, max |Δ| {noise['max_abs']:.2f} pt" if noise else ""))
+    result = {**run_info(), "settings": settings, "threads": torch.get_num_threads(), "summary": summary, "rows": rows}
     if args.out:
         write_json(args.out, result)
     return result

@@ -66,12 +66,21 @@ def test_binary_digits_demo_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_rescale_experiment_runs_end_to_end(tmp_path):
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rescale_cnn.py"), "--out", str(out), "--seeds", "0",
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rescale_cnn.py"), "--out", str(out), "--seeds", "0", "1",
                     "--train", "128", "--test", "64", "--size", "32", "--epochs", "2", "--low-epochs", "1",
-                    "--full-epochs", "1", "--bn-images", "100", "--models", "overfeat_large", "resnet_dw", "resnet"],
-                   check=True, capture_output=True, cwd=tmp_path)
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["model"] for r in rows] == ["overfeat_large", "resnet_dw", "resnet"]
+                    "--full-epochs", "1", "--bn-images", "100", "--replicates", "1",
+                    "--models", "overfeat_large", "resnet_dw", "resnet"], check=True, capture_output=True, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["model"] for r in rows] == ["overfeat_large", "resnet_dw", "resnet"] * 2
+    for model, m in result["summary"].items():  # the summary is the rows' own statistics
+        mine = [r for r in rows if r["model"] == model]
+        changes = [r["accuracy_change"] for r in mine]
+        assert m["accuracy_change"]["mean"] == pytest.approx(sum(changes) / 2, abs=0.01)
+        lo, hi = m["accuracy_change"]["ci95"]
+        assert lo <= m["accuracy_change"]["mean"] <= hi and (hi - lo > 0 or changes[0] == changes[1])
+        noise = [r["replicates"][0]["test_accuracy"] - r["full"]["test_accuracy"] for r in mine]
+        assert m["replicate_change"]["max_abs"] == pytest.approx(max(map(abs, noise)), abs=0.01)
     for r in rows:
         assert [p["name"] for p in r["rescaled"]["phases"]] == ["low", "full"]
         assert r["rescaled"]["recalibrated_test_accuracy"] is not None
