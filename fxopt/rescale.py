@@ -366,7 +366,12 @@ def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
     inputs), in place. A model carried up from low resolution keeps the statistics its feature
     maps had at low resolution, which no longer hold: finer maps carry detail (and noise) that
     ↓ averaged away. `torch.optim.swa_utils.update_bn` does the work: a forward pass per batch
-    in train mode without gradients, the statistics a plain mean over all of them."""
+    in train mode without gradients, the statistics a plain mean over all of them.
+
+    This is for a carried-up model that is evaluated or used as it is. Further training in
+    train mode neither reads the running statistics (it normalises with each batch's own) nor
+    keeps them (momentum 0.1 replaces them within a few dozen steps): a schedule that trains on
+    at full resolution ends with the same model with or without this step."""
     with torch.no_grad():
         torch.optim.swa_utils.update_bn(batches, model)  # a no-op without batch norm
     return model
@@ -379,8 +384,9 @@ def schedule(model: nn.Module, example_inputs: tuple, factor: float, low_epochs:
     full resolution. `train_epoch(model, scale, epoch)` trains one epoch with inputs downsampled
     by `scale` (1.0 at full resolution; use `downsample_input`). With `bn_batches` (full-resolution
     inputs), the carried-up model's batch-norm statistics are re-estimated on them first
-    (`recalibrate`; its time counts in the full phase). Returns the trained full-resolution model
-    and the time of each phase (rewrites included)."""
+    (`recalibrate`; its time counts in the full phase): worth it only when `train_epoch` keeps
+    batch norm in eval mode or `full_epochs` is 0 (see `recalibrate`). Returns the trained
+    full-resolution model and the time of each phase (rewrites included)."""
     phases = []
     start = time.perf_counter()
     low = down(model, example_inputs, factor, rules)

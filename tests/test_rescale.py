@@ -193,3 +193,31 @@ def test_schedule_recalibrates_the_carried_up_model_when_given_batches():
                                   bn_batches=[x])
     with torch.no_grad():
         torch.testing.assert_close(full[1].running_mean, full[0](x).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_training_on_in_train_mode_ends_with_the_same_model_with_or_without_recalibration():
+    """Why the benchmark's final accuracies do not depend on `bn_images`: train-mode batch norm
+    normalises with each batch's own statistics and momentum replaces the running ones."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 2, (16,))
+    low = rescale.down(model, (x,), 2)
+    with torch.no_grad():
+        low.model.train()(rescale.downsample_input(x, 2))
+    ends = []
+    for recalibrated in (False, True):
+        full = rescale.up(low, like=model)
+        if recalibrated:
+            rescale.recalibrate(full, [x + 1.0])  # statistics far from the training batches'
+        opt = torch.optim.SGD(full.parameters(), lr=0.1)
+        full.train()
+        for _ in range(200):
+            loss = F.cross_entropy(full(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ends.append(full)
+    for a, b in zip(ends[0].parameters(), ends[1].parameters()):
+        assert torch.equal(a, b)  # the same steps, bit for bit
+    torch.testing.assert_close(ends[0][1].running_mean, ends[1][1].running_mean, rtol=0, atol=1e-6)  # 0.9^200 of it left
