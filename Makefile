@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow bench
+.PHONY: demo test test-slow bench bench-rescale
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,13 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(VENV)/.installed
+bench-rescale: $(VENV)/.installed  # the kernel-rescaling experiment alone (about 56 minutes)
+	$(BIN)/python benchmarks/rescale_cnn.py --full-epochs 5 --seeds 0 1 2 3 4 --test 10000 --replicates 1 --out benchmarks/results/rescale_cnn_5seeds_cpu.json
+	$(BIN)/python benchmarks/rescale_cnn.py --full-epochs 5 --full-lr 1.0 --seeds 0 1 2 3 4 --test 10000 --out benchmarks/results/rescale_cnn_5seeds_fulllr1_cpu.json
+	$(BIN)/python benchmarks/rescale_cnn.py --models resnet_dw --full-epochs 5 --full-lr 1.0 --seeds 5 6 7 8 9 --test 10000 --out benchmarks/results/rescale_cnn_resnet_dw_heldout_cpu.json
+	$(BIN)/python benchmarks/render.py > BENCHMARKS.md
+
+bench: $(VENV)/.installed bench-rescale
 	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json
 	$(BIN)/python benchmarks/examples.py --out benchmarks/results/examples_cpu.json
 	$(BIN)/python benchmarks/examples.py --pairs mlp:lowrank transformer:lowrank cnn:separable cnn:bottleneck \

@@ -158,15 +158,36 @@ def rescale_cnn(r: dict) -> list[str]:
         "| low-res accuracy → carried up (→ recalibrated) |",
         "|---|---|---|---|---|---|---|",
     ]
+    again = st.get("replicates", 0) > 0
+    if again:  # one more column: the full-resolution run again, other batch orders
+        lines[-2] = lines[-2].replace("| rescaled:", "| full again (other batch order) | rescaled:")
+        lines[-1] += "---|"
     for x in r["rows"]:
         f, rs = x["full"], x["rescaled"]
         low, full = rs["phases"]
         recal = f" → {rs['recalibrated_test_accuracy']:.2f}%" if rs.get("recalibrated_test_accuracy") is not None else ""
+        rep = "".join(f"{a['test_accuracy']:.2f}% ({d:+.2f} pt) " for a, d in zip(x.get("replicates", []), x.get("replicate_change", [])))
         lines.append(f"| {x['model']} | {x['seed']} | {f['test_accuracy']:.2f}% · {f['seconds']:.1f} s | "
-                     f"{rs['test_accuracy']:.2f}% · {rs['seconds']:.1f} s ({low['seconds']:.1f} + {full['seconds']:.1f}) | "
+                     + (f"{rep.strip()} | " if again else "")
+                     + f"{rs['test_accuracy']:.2f}% · {rs['seconds']:.1f} s ({low['seconds']:.1f} + {full['seconds']:.1f}) | "
                      f"{x['time_saved'] * 100:.0f}% | {x['accuracy_change']:+.2f} pt | "
                      f"{rs['low_resolution_test_accuracy']:.2f}% → {rs['carried_up_test_accuracy']:.2f}%{recal} |")
+    if "summary" in r:
+        lines += ["", "Over seeds (95% intervals: Student's t over the per-seed differences):", "",
+                  "| model | seeds | time saved: mean (range) | accuracy change: mean [95% CI] | "
+                  "full again − full: mean [95% CI], largest |Δ| |", "|---|---|---|---|---|"]
+        for model, m in r["summary"].items():
+            t, a, n = m["time_saved"], m["accuracy_change"], m.get("replicate_change")
+            noise = f"{_ci(n)}, {n['max_abs']:.2f} pt" if n else "—"
+            lines.append(f"| {model} | {len(m['seeds'])} | {t['mean'] * 100:.0f}% ({t['min'] * 100:.0f}–{t['max'] * 100:.0f}%) | "
+                         f"{_ci(a)} | {noise} |")
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
+
+
+def _ci(stat: dict) -> str:
+    """`+0.12 pt [−0.40, +0.64]` (the interval when there are two values or more)."""
+    text = f"{stat['mean']:+.2f} pt" + (f" [{stat['ci95'][0]:+.2f}, {stat['ci95'][1]:+.2f}]" if "ci95" in stat else "")
+    return text.replace("-", "−")
 
 
 def backend(r: dict) -> list[str]:
@@ -238,9 +259,10 @@ def main() -> None:
     files = [("kron_linear_cpu.json", kron_linear), ("examples_cpu.json", examples),
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
-    files += [("binary_digits_cpu.json", binary_digits), ("rescale_cnn_cpu.json", rescale_cnn),
-              ("rescale_cnn_resnet_dw_5full_cpu.json", rescale_cnn), ("rescale_cnn_resnet_dw_6low_cpu.json", rescale_cnn), ("rescale_cnn_3x3_cpu.json", rescale_cnn),
-              ("backend_cpu.json", backend), ("wta_hash_cpu.json", wta_hash)]
+    files += [("binary_digits_cpu.json", binary_digits)]
+    files += [(f"rescale_cnn_{name}cpu.json", rescale_cnn)  # the five-seed runs first
+              for name in ("5seeds_", "5seeds_fulllr1_", "resnet_dw_heldout_", "", "resnet_dw_5full_", "resnet_dw_6low_", "3x3_")]
+    files += [("backend_cpu.json", backend), ("wta_hash_cpu.json", wta_hash)]
     for name, fmt in files:
         path = RESULTS / name
         if path.is_file():
