@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--full-lr", type=float, default=0.5,
                     help="rescaled run: peak learning rate of the full-resolution phase, as a fraction of --lr")
     args = ap.parse_args(argv)
+    if args.replicates < 0:
+        ap.error(f"--replicates: expected 0 or more, got {args.replicates}")
     rows = []
     for seed in args.seeds:
         data = (make_shapes(args.train, args.size, seed), make_shapes(args.test, args.size, seed + 1000))
