@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
 
-bench-rescale: $(VENV)/.installed  # the kernel-rescaling experiment alone (about 56 minutes)
+bench-rescale: $(VENV)/.installed  # the kernel-rescaling experiment alone (about an hour)
 	$(BIN)/python benchmarks/rescale_cnn.py --full-epochs 5 --seeds 0 1 2 3 4 --test 10000 --replicates 1 --out benchmarks/results/rescale_cnn_5seeds_cpu.json
 	$(BIN)/python benchmarks/rescale_cnn.py --full-epochs 5 --full-lr 1.0 --seeds 0 1 2 3 4 --test 10000 --out benchmarks/results/rescale_cnn_5seeds_fulllr1_cpu.json
 	$(BIN)/python benchmarks/rescale_cnn.py --models resnet_dw --full-epochs 5 --full-lr 1.0 --seeds 5 6 7 8 9 --test 10000 --out benchmarks/results/rescale_cnn_resnet_dw_heldout_cpu.json

@@ -145,30 +145,26 @@ def rescale_cnn(r: dict) -> list[str]:
     else:
         plan = [f"images; {st['epochs']} epochs of SGD (lr {st['lr']}, cosine) either all at full resolution or {st['low_epochs']} at",
                 f"1/{st['factor']:g} resolution with rescaled kernels, then the rest at full resolution; same initialisation.",
-                "`carried up` is the test accuracy of the model the full-resolution phase starts from."]
+                "`carried up` is the test accuracy of the model the full-resolution phase starts from. This first experiment "
+                "was written to `rescale_cnn_cpu.json`, renamed since; its models keep 3×3 kernels, which do not rescale."]
     models = ", ".join(dict.fromkeys(x["model"] for x in r["rows"]))
-    if "full_epochs" not in st:
-        plan[-1] += (" This first experiment was written to `rescale_cnn_cpu.json`, renamed since; its models "
-                     "keep 3×3 kernels, which do not rescale.")
+    again = st.get("replicates", 0) > 0  # one more column: the full-resolution run again, other batch orders
+    columns = ["model", "seed", "full: accuracy · seconds", *(["full again (other batch order)"] if again else []),
+               "rescaled: accuracy · seconds (low + full)", "time saved", "accuracy change",
+               "low-res accuracy → carried up (→ recalibrated)"]
     lines = [
         f"## Kernel rescaling: low-resolution start against full-resolution training (CPU): {models}", "", machine(r), "",
         f"`benchmarks/rescale_cnn.py`: shapes task at {st['size']}×{st['size']}, {st['train']:,} training and {st['test']:,} test",
-        *plan, "",
-        "| model | seed | full: accuracy · seconds | rescaled: accuracy · seconds (low + full) | time saved | accuracy change "
-        "| low-res accuracy → carried up (→ recalibrated) |",
-        "|---|---|---|---|---|---|---|",
+        *plan, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
     ]
-    again = st.get("replicates", 0) > 0
-    if again:  # one more column: the full-resolution run again, other batch orders
-        lines[-2] = lines[-2].replace("| rescaled:", "| full again (other batch order) | rescaled:")
-        lines[-1] += "---|"
     for x in r["rows"]:
         f, rs = x["full"], x["rescaled"]
         low, full = rs["phases"]
         recal = f" → {rs['recalibrated_test_accuracy']:.2f}%" if rs.get("recalibrated_test_accuracy") is not None else ""
-        rep = "".join(f"{a['test_accuracy']:.2f}% ({d:+.2f} pt) " for a, d in zip(x.get("replicates", []), x.get("replicate_change", [])))
+        rep = " ".join(f"{a['test_accuracy']:.2f}% ({d:+.2f} pt)" for a, d in zip(x.get("replicates", []),
+                                                                                x.get("replicate_change", [])))
         lines.append(f"| {x['model']} | {x['seed']} | {f['test_accuracy']:.2f}% · {f['seconds']:.1f} s | "
-                     + (f"{rep.strip()} | " if again else "")
+                     + (f"{rep} | " if again else "")
                      + f"{rs['test_accuracy']:.2f}% · {rs['seconds']:.1f} s ({low['seconds']:.1f} + {full['seconds']:.1f}) | "
                      f"{x['time_saved'] * 100:.0f}% | {x['accuracy_change']:+.2f} pt | "
                      f"{rs['low_resolution_test_accuracy']:.2f}% → {rs['carried_up_test_accuracy']:.2f}%{recal} |")
@@ -235,15 +231,15 @@ def wta_hash(r: dict) -> list[str]:
     for x in r["rows"]:
         if "training" in x:
             tr = x["training"]
-            other = next(k for k in tr if k.startswith("with_"))
-            o = tr[other]
+            other = "weights" if tr["index"] == "inputs" else "inputs"
+            o = tr[f"with_{other}_index"]
             lines += ["", f"Training both ways at {x['classes']:,} classes from the same initialisation (no bias), "
                       f"{tr['steps']} SGD steps of batch {tr['batch']} (lr {tr['lr']:g}, Zipf {tr['zipf']:g} labels), scored on "
                       f"fresh samples: dense {tr['dense_accuracy']:.3f}; hashed with an index of {INDEX[tr['index']]}: "
                       f"{tr['wta_accuracy']:.3f} through its index (gap {tr['gap_points']:.2f} points; its own index finds "
                       f"its top class for {tr['wta_own_index_recall']['recall_at_1']:.3f} of the inputs), "
                       f"{tr['wta_trained_exact_accuracy']:.3f} with its weights computed densely; hashed with an index of "
-                      f"{INDEX[other[5:-6]]}: {o['accuracy']:.3f} through its index, {o['exact_accuracy']:.3f} densely. An index "
+                      f"{INDEX[other]}: {o['accuracy']:.3f} through its index, {o['exact_accuracy']:.3f} densely. An index "
                       f"over the dense-trained head's weights finds its top class for "
                       f"{tr['recall_on_dense_trained_head']['recall_at_1']:.3f} of the inputs. Seconds spent training: "
                       f"dense {tr['dense_seconds']:.0f}, hashed {tr['wta_seconds']:.0f} and {o['seconds']:.0f}."]

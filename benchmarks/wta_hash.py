@@ -227,7 +227,7 @@ def main(argv=None) -> None:
               f"b16 {inf['batch_16']['speedup_vs_dense']:.2f}×  (vs compiled b1 {inf['batch_1']['speedup_vs_compiled']:.2f}×)")
         if "training" in r:
             tr = r["training"]
-            second = next(v for k, v in tr.items() if k.startswith("with_"))
+            second = tr["with_weights_index" if tr["index"] == "inputs" else "with_inputs_index"]
             print(f"{'':>16}after {tr['steps']} steps: dense {tr['dense_accuracy']:.3f}, hashed ({tr['index']} index) "
                   f"{tr['wta_accuracy']:.3f} (its weights computed densely: {tr['wta_trained_exact_accuracy']:.3f}; "
                   f"other index {second['accuracy']:.3f}); recall@1 of a weight index over the dense-trained head "
