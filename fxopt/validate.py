@@ -167,13 +167,16 @@ def end_to_end(original: nn.Module, rewritten: nn.Module, batches: Iterable[tupl
 
 @contextmanager
 def eval_mode(model: nn.Module):
-    """Inference mode for a measurement, and the user's model left in the mode it was found in."""
-    was_training = model.training
+    """Inference mode for a measurement, and the user's model left in the mode it was found in,
+    module by module (a model in train mode may hold submodules in eval mode, and `train()`
+    would switch them all)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def _compare(stats: ErrorStats, ref: list, out: list) -> None:
