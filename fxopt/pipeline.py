@@ -1,10 +1,12 @@
 """`optimize()`: the whole pipeline, one named stage per line.
 
-    trace → match → build → layerwise → validate → gate → substitute → cleanup → distill
-          → freeze → fuse → export → end_to_end
+    trace → match → build → layerwise → validate → gate → substitute → collapse → cleanup
+          → distill → freeze → fuse → export → end_to_end
 
-* trace:      model → GraphModule with shapes (symbolic_trace, else torch.export)
-* match:      every linear/conv site, and the rule (if any) that claims it
+* trace:      model → GraphModule with shapes (symbolic_trace, else torch.export); PyTorch's
+              attention modules opened up so their projections are sites (fxopt/attention.py)
+* match:      every linear/conv site, and the rule (if any) that claims it; parameters that feed
+              a matmul-like op outside any site are listed as not seen
 * build:      the rule's substitute via `from_original`; guards may decline
 * layerwise:  (optional) each substitute trained to reproduce its original layer's outputs on
               calibration data (fxopt/layerwise.py)
@@ -13,6 +15,8 @@
 * gate:       each remaining site timed, original layer against substitute; a rule's
               `require_speedup` keeps the original where the substitute does not pay
 * substitute: the accepted substitutes go into the graph (pass)
+* collapse:   attention modules none of whose projections changed are one call again, with
+              their fused fast path (pass)
 * cleanup:    dead nodes and unused parameters go (pass)
 * distill:    (optional) the substitutes trained inside the rewritten model against the
               original model's outputs
@@ -47,8 +51,8 @@ from .flops import dense_flops, flops, param_count, storage_bytes
 from .gate import site_latency, verdict
 from .graphs import summarize
 from .layerwise import Layerwise, distill, train_sites
-from .match import Decision, Site, choose_rules, find_sites
-from .passes import cleanup, freeze, fuse, substitute
+from .match import Decision, Site, choose_rules, find_sites, unseen
+from .passes import cleanup, collapse, freeze, fuse, substitute
 from .report import build_report
 from .trace import export_program, trace
 from .validate import end_to_end, site_errors
@@ -152,7 +156,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     with stage("trace"):
         traced = trace(model, tuple(example_inputs), source or type(model).__name__)
     with stage("match"):
-        decisions = choose_rules(find_sites(traced.gm), ruleset)
+        sites = find_sites(traced.gm)
+        decisions = choose_rules(sites, ruleset)
+        not_seen = unseen(traced.gm, sites, {u.path: u.reason for u in traced.unexpanded})
     with stage("build"):
         records, candidates = build(decisions)
     if layerwise.steps:
@@ -166,6 +172,8 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         before = summarize(traced.gm, {n.name: d.site.key for d in decisions for n in d.site.nodes})
         kept = {d.site.output.name: d.site.key for d in decisions if records[d.site.key].status != "applied"}
         gm, placed = substitute(traced.gm, accepted)
+    with stage("collapse"):
+        gm, attention = collapse(gm, traced.regions, {n for site, _ in accepted for n in site.nodes})
     with stage("cleanup"):
         gm, _ = cleanup(gm)
     distilled = None
@@ -197,6 +205,8 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         params=(param_count(model), params_after), stages=stage.timings,
         storage=(storage_bytes(model), storage_bytes(gm)),
         batches=len(batches), source=source, graphs={"original": before, "rewritten": after},
+        not_seen=not_seen, attention=attention + [{"module": u.path, "type": u.module_type, "expanded": False,
+                                                   "reason": u.reason} for u in traced.unexpanded],
         training={"layerwise_steps": layerwise.steps, "lr": layerwise.lr, "loss": layerwise.loss,
                   "batches": len(calib or batches) if layerwise.steps or layerwise.distill_steps else 0,
                   "distill": distilled},

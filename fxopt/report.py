@@ -6,7 +6,11 @@ the end-to-end tolerance and its violations), `totals`, `stages`, `trace`, `rule
 Keys added later, without changing the ones above: `training` (layer-wise settings and the
 distillation's losses), per site `error_init`, `layerwise`, `require_speedup`, `latency`, the
 status `gated` and `totals.gated`, `totals.slower` (applied sites measured slower than the
-original layer), `graphs` (`original` and `rewritten`: nodes and edges, see fxopt/graphs.py).
+original layer), `graphs` (`original` and `rewritten`: nodes and edges, see fxopt/graphs.py),
+`not_seen` (parameters that feed a matmul-like op outside every site: `param`, `node`, `op`,
+`reason`), `attention` (each attention module call: `module`, `type`, `expanded`: whether the
+rewritten model runs it opened up, because one of its projections changed, or as the module
+itself; `reason` where fxopt could not open it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ STATUSES = ("applied", "rolled_back", "gated", "skipped")
 
 
 def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source, storage=(0, 0),
-                 training: dict[str, Any] | None = None, graphs: dict[str, Any] | None = None) -> dict[str, Any]:
+                 training: dict[str, Any] | None = None, graphs: dict[str, Any] | None = None,
+                 not_seen: list[dict[str, str]] | None = None,
+                 attention: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from . import __version__
 
     sites = [asdict(r) for r in records]
@@ -63,6 +69,8 @@ def build_report(*, records, e2e, ruleset, traced, params, stages, batches, sour
                    "site_params_after": sum(r.params_after for r in records),
                    "flops_before": flops_before, "flops_after": flops_after},
         "graphs": graphs or {},
+        "not_seen": not_seen or [],
+        "attention": attention or [],
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "threads": torch.get_num_threads()},
     }
@@ -135,9 +143,35 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {fmt(err.get('rel_l2'))} | {fmt(err.get('cosine'))} | {fmt(err.get('max_abs'))} | {_recall(err)} "
             f"| {latency} | {speed} "
             f"| {(s['reason'] or '').replace('|', '/')} |")
+    lines += _attention_lines(report) + _not_seen_lines(report)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|",
               *(f"| {s['name']} | {s['seconds']:.3f} |" for s in report["stages"]), ""]
     return "\n".join(lines)
+
+
+def _attention_lines(report: dict[str, Any]) -> list[str]:
+    calls = report.get("attention") or []
+    if not calls:
+        return []
+    lines = ["", "## Attention modules", "",
+             "Opened up so that their projections are sites; those with no rewritten projection run as "
+             "the module itself again (PyTorch's fused eval fast path included).", "",
+             "| module | type | runs as |", "|---|---|---|"]
+    for a in calls:
+        runs = ("opened up (a projection was rewritten)" if a["expanded"] else
+                f"the module, not opened: {a['reason']}" if a.get("reason") else "the module")
+        lines.append(f"| `{a['module']}` | {a['type']} | {runs.replace('|', '/')} |")
+    return lines
+
+
+def _not_seen_lines(report: dict[str, Any]) -> list[str]:
+    missed = report.get("not_seen") or []
+    if not missed:
+        return []
+    return ["", "## Not seen", "",
+            "Parameters that feed a matmul-like op outside every site: no rule can reach them.", "",
+            "| parameter | op | reason |", "|---|---|---|",
+            *(f"| `{m['param']}` | {m['op']} | {m['reason'].replace('|', '/')} |" for m in missed)]
 
 
 def _recall(err: dict[str, Any]) -> str:
@@ -195,6 +229,11 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     console.print(table)
     for note in notes:
         console.print(note, markup=False, highlight=False)
+    missed = report.get("not_seen") or []
+    if missed:
+        shown = ", ".join(f"{m['param']} ({m['op']})" for m in missed[:6]) + (" …" if len(missed) > 6 else "")
+        console.print(f"[yellow]not seen: {len(missed)} parameter(s) feed a matmul-like op outside every site: "
+                      f"{shown}[/] (report.md lists why)", highlight=False)
     slower = report["totals"].get("slower")
     if slower:
         console.print(f"[yellow]slower: {len(slower)} applied site(s) run slower than the original layer "

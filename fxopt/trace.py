@@ -21,7 +21,7 @@ import sys
 import traceback
 import warnings
 from contextlib import contextmanager, redirect_stderr
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable
@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from .attention import Region, Unexpanded, expand, expandable, with_inference_encoders
 from .errors import ModelFileError, TraceFailure, first_line
 
 
@@ -48,6 +49,8 @@ class Traced:
     gm: fx.GraphModule
     method: str  # "symbolic_trace" | "export"
     fallback_reason: str | None  # why symbolic_trace was not used
+    regions: list[Region] = field(default_factory=list)  # attention module calls opened up
+    unexpanded: list[Unexpanded] = field(default_factory=list)  # attention module calls left opaque
 
 
 def import_model_file(path: str | Path) -> ModuleType:
@@ -106,13 +109,15 @@ def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") ->
     with _quiet():  # torch logs graphs and warnings while it tries; our error says what matters
         try:
             gm = fx.symbolic_trace(model)
-            _propagate_shapes(gm, example_inputs)
-            return Traced(gm, "symbolic_trace", None)
+            values = _propagate_shapes(gm, example_inputs)
         except Exception as exc:  # any failure of the fast path sends us to torch.export
             first = f"{_where(exc)}{first_line(exc)}"
+        else:
+            regions, unexpanded = _expand_attention(gm, example_inputs, values)
+            return Traced(gm, "symbolic_trace", None, regions, unexpanded)
         try:
             # a fresh copy: a failed symbolic_trace can leave state behind in the module
-            gm = export_program(copy.deepcopy(model), example_inputs).module()
+            gm = export_program(with_inference_encoders(copy.deepcopy(model)), example_inputs).module()
             _propagate_shapes(gm, example_inputs)
             return Traced(gm, "export", first)
         except Exception as exc:
@@ -140,18 +145,49 @@ def _quiet():
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Like torch.fx's ShapeProp (node.meta["tensor_meta"]), without printing on failure."""
+    """Like torch.fx's ShapeProp (node.meta["tensor_meta"]), without printing on failure; keeps
+    the values that the nodes in `keep` read."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node] = frozenset(), record: bool = True):
+        super().__init__(gm)
+        self.keep, self.record, self.values = keep, record, {}
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and self.record:
             n.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        if n in self.keep:
+            self.values[n] = value
         return value
 
 
-def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, record: bool = True) -> dict[fx.Node, Any]:
+    """Shapes into node.meta; returns the values read by attention-module calls (for `expand`)."""
+    keep = {a for n in gm.graph.nodes if expandable(gm, n) for a in n.all_input_nodes}
+    recorder = _ShapeRecorder(gm, keep, record)
     with torch.no_grad():
-        _ShapeRecorder(gm).run(*example_inputs)
+        recorder.run(*example_inputs)
+    return recorder.values
+
+
+def _expand_attention(gm: fx.GraphModule, example_inputs: tuple,
+                      values: dict[fx.Node, Any]) -> tuple[list[Region], list[Unexpanded]]:
+    """Open up attention-module calls (fxopt/attention.py) and propagate shapes again.
+
+    Their graphs are exported on the calls' example values; a batch of 1 would make torch.export
+    specialise the batch dimension, so where an input's first dimension is 1 the values come from
+    a run on that input repeated twice, when the model accepts it."""
+    if not values:
+        return [], []
+    doubled = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
+    if any(d is not t for d, t in zip(doubled, example_inputs)):
+        try:
+            values = _propagate_shapes(gm, doubled, record=False)
+        except Exception:  # the first dimension is not a batch one: keep the example's values
+            pass
+    regions, unexpanded = expand(gm, values)
+    _propagate_shapes(gm, example_inputs)
+    return regions, unexpanded
 
 
 def _call(path: Path, fn: Callable, what: str) -> Any:

@@ -119,9 +119,9 @@ def test_report_keys_are_stable():
     assert {"max_abs", "rel_l2", "sqnr_db", "cosine", "top1_agreement", "params_before", "params_after",
             "flops_before", "flops_after", "bytes_before", "bytes_after"} <= set(r["end_to_end"])
     assert [s["name"] for s in r["stages"]] == ["trace", "match", "build", "validate", "gate", "substitute",
-                                                 "cleanup", "freeze", "fuse", "export", "end_to_end"]
+                                                 "collapse", "cleanup", "freeze", "fuse", "export", "end_to_end"]
     assert r["end_to_end"]["top1_agreement"] is None  # (B, T, D) output is not a classifier
-    assert {s["key"]: s["form"] for s in r["sites"]}["qkv_weight"] == "matmul"
+    assert {s["key"]: s["form"] for s in r["sites"]}["qkv"] == "matmul"
 
 
 def test_the_users_model_is_left_as_it_was():
@@ -134,6 +134,16 @@ def test_the_users_model_is_left_as_it_was():
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics untouched
 
 
+def test_submodules_keep_their_own_modes():
+    """A model in train mode may hold a frozen part in eval mode; validation must not switch it."""
+    torch.manual_seed(0)
+    frozen = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5))
+    model = torch.nn.Sequential(frozen, torch.nn.Linear(16, 4)).train()
+    frozen.eval()
+    fxopt.optimize(model, (torch.randn(2, 16),), FULL, time_sites=False)
+    assert model.training and not frozen.training and not frozen[1].training
+
+
 def test_a_real_pytorch_model_torch_nn_transformer_encoder():
     """nn.TransformerEncoder defeats symbolic_trace; through torch.export its attention projections
     (MultiheadAttention's in_proj_weight / out_proj, called functionally) and FFN are sites."""
@@ -143,7 +153,7 @@ def test_a_real_pytorch_model_torch_nn_transformer_encoder():
     result = fxopt.optimize(model, (x,), FULL)
     assert result.report["trace"]["method"] == "export"
     keys = {s["key"]: s["status"] for s in result.report["sites"]}
-    assert keys == {"layers.0.self_attn.in_proj_weight": "applied", "layers.0.self_attn.out_proj": "applied",
+    assert keys == {"layers.0.self_attn.in_proj": "applied", "layers.0.self_attn.out_proj": "applied",
                     "layers.0.linear1": "applied", "layers.0.linear2": "applied"}
     torch.testing.assert_close(result.program.module()(x), model(x), rtol=0, atol=1e-4)
 

@@ -2,8 +2,9 @@
 `graph.lint()` and `recompile()` (DESIGN principle 5)."""
 
 from .cleanup import cleanup
+from .collapse import collapse
 from .freeze import freeze
 from .fuse import fuse
 from .substitute import substitute
 
-__all__ = ["substitute", "cleanup", "fuse", "freeze"]
+__all__ = ["substitute", "collapse", "cleanup", "fuse", "freeze"]
