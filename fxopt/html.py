@@ -5,8 +5,9 @@ fetched at view time) that shows what fxopt did.
   their rows in the site table; unchanged runs of nodes collapsed;
 * the site table (rule, substitute, status, params, FLOPs, per-site error before and after
   layer-wise training, measured latency, reason);
-* two plots: per-site error against compression, and where the time goes per site, before and
-  after (from the gate's measurements).
+* plots: per-site error against compression, where the time goes per site, before and after
+  (from the gate's measurements), and, when there was training, the loss curves of layer-wise
+  training (per site) and distillation.
 
 `diff_page(a, b)` is the same page for two saved results (`fxopt diff A B`): graph A and graph B,
 nodes without a counterpart highlighted, and the sites of both side by side.
@@ -27,7 +28,7 @@ CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#111827}
 h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #d1d5db;padding:3px 6px;text-align:left}
-tr:target,tr.hl{background:#fef3c7} .applied{color:#15803d} .rolled_back,.gated{color:#b45309} .skipped{color:#6b7280}
+tr:target,tr.hl{background:#fef3c7} .applied{color:#15803d} .rolled_back,.gated{color:#b45309} .skipped,.unused{color:#6b7280}
 .graphs{display:flex;gap:12px} .pane{flex:1;overflow:auto;max-height:80vh;border:1px solid #d1d5db}
 .pane h3{position:sticky;top:0;background:#f9fafb;margin:0;padding:4px 8px;font-size:13px}
 .plots{display:flex;gap:24px;flex-wrap:wrap} .legend span{display:inline-block;padding:1px 6px;margin-right:6px;border:1px solid #374151}
@@ -139,6 +140,37 @@ def _time_bars(sites: list[dict]) -> str:
     return "".join(parts)
 
 
+def _loss_curves(report: dict[str, Any]) -> str:
+    """Training loss against steps (log scale): each site's layer-wise curve, and distillation."""
+    curves = [(s["key"], s["layerwise"]["curve"], "#9ca3af") for s in report["sites"]
+              if (s.get("layerwise") or {}).get("curve")]
+    distill = (report.get("training") or {}).get("distill") or {}
+    if distill.get("curve"):
+        curves.append(("distillation", distill["curve"], "#f59e0b"))
+    curves = [(k, [v for v in c if v > 0 and math.isfinite(v)], color) for k, c, color in curves]
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return ""
+    w, h, pad = 440, 220, 36
+    ys = [math.log10(v) for _, c, _ in curves for v in c]
+    y0, y1 = min(ys), max(ys)
+    sy = lambda y: h - pad + (y - y0) / (y1 - y0 or 1) * (2 * pad - h)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="plot-loss" width="{w}" height="{h}">',
+             '<text x="4" y="14" font-size="12">training loss against steps (log scale): layer-wise per site '
+             '(grey), distillation (orange)</text>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#111"/>'
+             f'<line x1="{pad}" y1="{h - pad}" x2="{pad}" y2="{pad}" stroke="#111"/>'
+             f'<text x="2" y="{h - pad}" font-size="10">{10 ** y0:.2g}</text>'
+             f'<text x="2" y="{pad + 4}" font-size="10">{10 ** y1:.2g}</text>']
+    for key, c, color in curves:
+        step = (w - 2 * pad) / max(len(c) - 1, 1)
+        pts = " ".join(f"{pad + i * step:.1f},{sy(math.log10(v)):.1f}" for i, v in enumerate(c))
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}">'
+                     f"<title>{html.escape(key)}</title></polyline>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _site_table(sites: list[dict]) -> str:
     head = ("site", "op", "rule", "substitute", "status", "params", "FLOPs", "weight error", "sqnr dB (init)",
             "sqnr dB", "rel L2", "cosine", "latency µs", "speed-up", "note")
@@ -167,8 +199,9 @@ def _page(title: str, body: str) -> str:
 def _summary(report: dict[str, Any]) -> str:
     e, t = report["end_to_end"], report["totals"]
     metrics = " · ".join(f"{k} {fmt(e.get(k))}" for k in (*ERROR_KEYS, "top1_agreement"))
+    unused = f", unused {t['unused']}" if t.get("unused") else ""
     return (f"<p>Rules <code>{html.escape(str(report['rules']))}</code> · sites {t['sites']}: applied {t['applied']}, "
-            f"rolled back {t['rolled_back']}, gated {t.get('gated', 0)}, skipped {t['skipped']}</p>"
+            f"rolled back {t['rolled_back']}, gated {t.get('gated', 0)}, skipped {t['skipped']}{unused}</p>"
             f"<p>End to end: {html.escape(metrics)} · params "
             f"{html.escape(change(e['params_before'], e['params_after'], 'smaller', 'larger'))} · linear/conv FLOPs "
             f"{html.escape(change(e['flops_before'], e['flops_after'], 'fewer', 'more'))}</p>")
@@ -180,7 +213,8 @@ def report_page(report: dict[str, Any]) -> str:
     graphs_html = _graph_panes(("original", g["original"], report["sites"]), ("rewritten", g["rewritten"], report["sites"])) if g else \
         "<p>No graphs in this report.</p>"
     body = (f"<h1>fxopt report: {html.escape(str(report['model']))}</h1>{_summary(report)}"
-            f'<h2>Summary plots</h2><div class="plots">{_scatter(report["sites"])}{_time_bars(report["sites"])}</div>'
+            f'<h2>Summary plots</h2><div class="plots">{_scatter(report["sites"])}{_time_bars(report["sites"])}'
+            f'{_loss_curves(report)}</div>'
             f"<h2>Graphs</h2>{_legend()}{graphs_html}<h2>Sites</h2>{_site_table(report['sites'])}")
     return _page(f"fxopt report: {report['model']}", body)
 

@@ -87,7 +87,8 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
     window = min(len(batches), config.steps)
     losses: dict[str, list[float]] = {site.key: [] for site, _ in candidates}
     failed: set[str] = set()
-    with _progress(config.progress, candidates, config.steps) as advance, _training(m for _, m in candidates):
+    with _progress(config.progress, [site.key for site, _ in candidates], config.steps) as advance, \
+            _training(m for _, m in candidates):
         for step in range(config.steps):
             with torch.no_grad():
                 rec = Recorder(gm, keep)
@@ -112,7 +113,7 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
                 advance(site.key)
     return {
         key: {"steps": len(v), "loss": config.loss,
-              "loss_before": _mean(v[:window]), "loss_after": _mean(v[-window:])}
+              "loss_before": _mean(v[:window]), "loss_after": _mean(v[-window:]), "curve": curve(v)}
         for key, v in losses.items() if key not in failed
     }
 
@@ -135,7 +136,8 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with eval_mode(original), eval_mode(rewritten), _training(substitutes):
+        with eval_mode(original), eval_mode(rewritten), _training(substitutes), \
+                _progress(config.progress, ["distill"], config.distill_steps, "") as advance:
             for step in range(config.distill_steps):
                 batch = batches[step % len(batches)]
                 with torch.no_grad():
@@ -148,10 +150,20 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
                 constrain_(substitutes)
                 sched.step()
                 losses.append(loss.item())
+                advance("distill")
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return {"steps": len(losses), "loss_before": _mean(losses[:window]), "loss_after": _mean(losses[-window:])}
+    return {"steps": len(losses), "loss_before": _mean(losses[:window]), "loss_after": _mean(losses[-window:]),
+            "curve": curve(losses)}
+
+
+def curve(losses: Sequence[float], points: int = 50) -> list[float]:
+    """The loss curve for reports: at most `points` values, each the mean of consecutive steps."""
+    if not losses:
+        return []
+    size = math.ceil(len(losses) / points)
+    return [round(_mean(losses[i:i + size]), 6) for i in range(0, len(losses), size)]
 
 
 def _float_leaves(value) -> list[torch.Tensor]:
@@ -165,6 +177,7 @@ def _mean(values: Iterable[float]) -> float:
 
 @contextmanager
 def _training(modules: Iterable[nn.Module]):
+    """The substitutes in train mode (ours: `train()` is allowed), back to eval mode after."""
     modules = list(modules)
     for m in modules:
         m.train()
@@ -176,13 +189,13 @@ def _training(modules: Iterable[nn.Module]):
 
 
 @contextmanager
-def _progress(enabled: bool, candidates: Sequence[tuple[Site, nn.Module]], steps: int):
-    """Yields advance(site_key): one rich progress bar per site, or nothing when disabled."""
+def _progress(enabled: bool, names: Sequence[str], steps: int, prefix: str = "layer-wise "):
+    """Yields advance(name): one rich progress bar per name, or nothing when disabled."""
     if not enabled:
         yield lambda key: None
         return
-    columns = (TextColumn("layer-wise {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    columns = (TextColumn(prefix + "{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=False) as bars:
-        ids = {site.key: bars.add_task(site.key, total=steps) for site, _ in candidates}
+        ids = {name: bars.add_task(name, total=steps) for name in names}
         yield lambda key: bars.advance(ids[key])

@@ -52,7 +52,7 @@ from .gate import site_latency, verdict
 from .graphs import summarize
 from .layerwise import Layerwise, distill, train_sites
 from .match import Decision, Site, choose_rules, find_sites, unseen
-from .passes import cleanup, collapse, freeze, fuse, substitute
+from .passes import cleanup, collapse, freeze, fuse, live_nodes, substitute
 from .report import build_report
 from .trace import export_program, trace
 from .validate import end_to_end, site_errors
@@ -70,7 +70,7 @@ class SiteRecord:
     form: str
     rule: str | None
     substitute: str | None
-    status: str  # applied | rolled_back (tolerance) | gated (not faster enough) | skipped
+    status: str  # applied | rolled_back (tolerance) | gated (not faster enough) | skipped | unused (dead code)
     reason: str | None
     params: dict[str, Any]
     module_before: str
@@ -160,7 +160,7 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         decisions = choose_rules(sites, ruleset)
         not_seen = unseen(traced.gm, sites, {u.path: u.reason for u in traced.unexpanded})
     with stage("build"):
-        records, candidates = build(decisions)
+        records, candidates = build(decisions, live_nodes(traced.gm.graph))
     if layerwise.steps:
         with stage("layerwise"):
             train_candidates(traced.gm, candidates, records, batches, calib or batches, layerwise)
@@ -176,6 +176,7 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         gm, attention = collapse(gm, traced.regions, {n for site, _ in accepted for n in site.nodes})
     with stage("cleanup"):
         gm, _ = cleanup(gm)
+        placed, accepted = _still_placed(gm, placed, accepted, records)
     distilled = None
     if layerwise.distill_steps and accepted:
         with stage("distill"):
@@ -224,12 +225,20 @@ def rewrite(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_m
                     freeze_substitutes=not training)
 
 
-def build(decisions: list[Decision]) -> tuple[dict[str, SiteRecord], list[tuple[Site, nn.Module]]]:
-    """A record per site, and a substitute (from `from_original`) for each site a rule claims."""
+UNUSED = "its output is unused: nothing the model returns depends on it (cleanup removes it)"
+
+
+def build(decisions: list[Decision], live: set[fx.Node] | None = None
+          ) -> tuple[dict[str, SiteRecord], list[tuple[Site, nn.Module]]]:
+    """A record per site, and a substitute (from `from_original`) for each site a rule claims
+    whose output the model uses (`live`: the nodes the outputs depend on)."""
     records, candidates = {}, []
     for d in decisions:
         rec = _record(d)
         records[d.site.key] = rec
+        if live is not None and d.site.output not in live:
+            rec.status, rec.reason = "unused", UNUSED
+            continue
         if d.rule is None:
             continue
         spec = substitutes.get(d.rule.substitute)
@@ -252,6 +261,18 @@ def _placed_nodes(gm: fx.GraphModule, placed: list[dict]) -> dict[str, str]:
     """Node name → site key for the substitutes' call_module nodes in the rewritten graph."""
     by_target = {p["target"]: p["site"] for p in placed}
     return {n.name: by_target[n.target] for n in gm.graph.nodes if n.op == "call_module" and n.target in by_target}
+
+
+def _still_placed(gm: fx.GraphModule, placed: list[dict], accepted: list[tuple[Site, nn.Module]],
+                  records: dict[str, SiteRecord]) -> tuple[list[dict], list[tuple[Site, nn.Module]]]:
+    """What cleanup left: a substitute whose call it removed as dead code is no longer placed
+    (its site keeps the original's figures, with the reason), so later passes never ask for it."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    gone = {p["site"] for p in placed if p["target"] not in called}
+    for key in gone:
+        records[key].keep_original("unused", UNUSED)
+    return ([p for p in placed if p["site"] not in gone],
+            [(site, m) for site, m in accepted if site.key not in gone])
 
 
 def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],

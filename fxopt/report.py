@@ -5,7 +5,9 @@
 the end-to-end tolerance and its violations), `totals`, `stages`, `trace`, `rules`, `model`.
 Keys added later, without changing the ones above: `training` (layer-wise settings and the
 distillation's losses), per site `error_init`, `layerwise`, `require_speedup`, `latency`, the
-status `gated` and `totals.gated`, `totals.slower` (applied sites measured slower than the
+status `gated` and `totals.gated`, the status `unused` (a site whose output nothing the model
+returns depends on) and `totals.unused`, `curve` in each site's `layerwise` and in `training.distill` (the loss at up to
+50 points, each the mean of consecutive steps), `totals.slower` (applied sites measured slower than the
 original layer), `graphs` (`original` and `rewritten`: nodes and edges, see fxopt/graphs.py),
 `not_seen` (parameters that feed a matmul-like op outside every site: `param`, `node`, `op`,
 `reason`), `attention` (each attention module call: `module`, `type`, `expanded`: whether the
@@ -28,7 +30,7 @@ REPORT_SCHEMA = 1
 ERROR_KEYS = ("max_abs", "rel_l2", "sqnr_db", "cosine")
 
 
-STATUSES = ("applied", "rolled_back", "gated", "skipped")
+STATUSES = ("applied", "rolled_back", "gated", "skipped", "unused")
 
 
 def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source, storage=(0, 0),
@@ -106,7 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
           f"torch {report['environment']['torch']}",
         "",
         f"Sites: {t['sites']} · applied {t['applied']} · rolled back {t['rolled_back']} · gated {t['gated']} "
-        f"· skipped {t['skipped']}",
+        f"· skipped {t['skipped']}" + (f" · unused {t['unused']}" if t.get("unused") else ""),
         *_training_lines(report),
         *_slower_lines(t),
         "",
@@ -143,7 +145,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {fmt(err.get('rel_l2'))} | {fmt(err.get('cosine'))} | {fmt(err.get('max_abs'))} | {_recall(err)} "
             f"| {latency} | {speed} "
             f"| {(s['reason'] or '').replace('|', '/')} |")
-    lines += _attention_lines(report) + _not_seen_lines(report)
+    lines += _layerwise_lines(report) + _attention_lines(report) + _not_seen_lines(report)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|",
               *(f"| {s['name']} | {s['seconds']:.3f} |" for s in report["stages"]), ""]
     return "\n".join(lines)
@@ -189,8 +191,26 @@ def _training_lines(report: dict[str, Any]) -> list[str]:
                      f"on {t['batches']} batch(es).")
     if t.get("distill"):
         d = t["distill"]
-        lines.append(f"Distillation: {d['steps']} steps, output loss {fmt(d['loss_before'])} → {fmt(d['loss_after'])}.")
+        lines.append(f"Distillation: {d['steps']} steps, output loss {fmt(d['loss_before'])} → {fmt(d['loss_after'])}"
+                     + (f"; curve {sample_curve(d['curve'])}" if d.get("curve") else "") + ".")
     return ["", *lines] if lines else []
+
+
+def sample_curve(curve: list[float], points: int = 8) -> str:
+    """A loss curve in a line of text: `points` values spread over it, first and last included."""
+    if len(curve) <= points:
+        picked = curve
+    else:
+        picked = [curve[round(i * (len(curve) - 1) / (points - 1))] for i in range(points)]
+    return " → ".join(fmt(v, 3) for v in picked)
+
+
+def _layerwise_lines(report: dict[str, Any]) -> list[str]:
+    trained = [s for s in report["sites"] if (s.get("layerwise") or {}).get("curve")]
+    if not trained:
+        return []
+    return ["", "## Layer-wise training", "", "| site | loss | loss curve |", "|---|---|---|",
+            *(f"| `{s['key']}` | {s['layerwise']['loss']} | {sample_curve(s['layerwise']['curve'])} |" for s in trained)]
 
 
 def _slower_lines(totals: dict[str, Any]) -> list[str]:
@@ -201,7 +221,7 @@ def _slower_lines(totals: dict[str, Any]) -> list[str]:
                 "to keep the original layers there."]
 
 
-STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "gated": "yellow", "skipped": "dim"}
+STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "gated": "yellow", "skipped": "dim", "unused": "dim"}
 
 
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:

@@ -166,6 +166,6 @@ def load_report(path: str | Path) -> dict:
         g = summarize(program.graph_module)
         n = sum(p.numel() for p in program.graph_module.parameters())
         return {"model": str(path), "rules": "—", "sites": [], "graphs": {"original": g, "rewritten": g},
-                "totals": {"sites": 0, "applied": 0, "rolled_back": 0, "gated": 0, "skipped": 0},
+                "totals": {"sites": 0, "applied": 0, "rolled_back": 0, "gated": 0, "skipped": 0, "unused": 0},
                 "end_to_end": {"params_before": n, "params_after": n, "flops_before": 0, "flops_after": 0}}
     raise OutputError(f"{path}: neither an fxopt result folder nor a .pt2 file")

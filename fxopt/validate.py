@@ -169,9 +169,12 @@ def end_to_end(original: nn.Module, rewritten: nn.Module, batches: Iterable[tupl
 def eval_mode(model: nn.Module):
     """Inference mode for a measurement, and the user's model left in the mode it was found in,
     module by module (a model in train mode may hold submodules in eval mode, and `train()`
-    would switch them all)."""
+    would switch them all). The flags are set directly: a module from `torch.export` (every
+    model traced by the export fallback) refuses `eval()`, its graph having the mode it was
+    exported in baked in."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in modes:
+        m.training = False
     try:
         yield
     finally:

@@ -31,6 +31,18 @@ def cleanup(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
     return gm, dropped
 
 
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the model's outputs (or an in-place update) depend on: what cleanup keeps."""
+    live: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op in ("output", "placeholder") or _impure(n)]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
+
+
 def _impure(node: fx.Node) -> bool:
     if node.op in ("call_method", "call_function"):
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
