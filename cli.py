@@ -63,6 +63,9 @@ def optimize(
     layerwise_lr: float = typer.Option(1e-3, "--layerwise-lr", min=0.0, help="Adam learning rate of layer-wise training"),
     layerwise_loss: str = typer.Option("mse", "--layerwise-loss", help="mse (relative squared error) or cosine"),
     distill_steps: int = typer.Option(0, "--distill-steps", min=0, help="end-to-end distillation steps after layer-wise training"),
+    distill_lr: float = typer.Option(1e-4, "--distill-lr", min=0.0, help="Adam learning rate of distillation"),
+    distill_sites: float = typer.Option(0.0, "--distill-sites", min=0.0, help="distillation: weight of each rewritten "
+                                        "layer's own target, the original layer's output (0: model outputs only)"),
     time_sites: bool = typer.Option(True, "--time-sites/--no-time-sites", help="time every applied site against its "
                                     "original layer (rules with require_speedup are always timed)"),
     strict: bool = typer.Option(False, "--strict", help="exit 2 if any site is rolled back or end-to-end tolerance fails"),
@@ -78,7 +81,7 @@ def optimize(
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         layerwise = Layerwise(steps=layerwise_steps, lr=layerwise_lr, loss=layerwise_loss, distill_steps=distill_steps,
-                              progress=True)
+                              distill_lr=distill_lr, distill_sites=distill_sites, progress=True)
     except ValueError as exc:
         raise FxoptError(str(exc)) from None
     ruleset = rules_mod.load(rules)  # rule errors before the (slower) model import

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -43,10 +44,12 @@ ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Trans
 class Region:
     """The nodes that one expanded module call became, and what it takes to call it again."""
 
-    path: str  # the module's qualified name
-    module_type: str
+    path: str  # the module's qualified name (for a function call: the module owning its weights)
+    module_type: str  # or the function's name
+    op: str  # call_module | call_function
+    target: Any  # what the call calls
     nodes: list[fx.Node]  # in graph order; the first ones are its `entries`
-    entries: list[fx.Node]  # one `region_input` node per distinct tensor the call takes
+    entries: list[fx.Node]  # per distinct tensor the call takes: a `region_input` node (a get_attr as is)
     slots: list[tuple[str, Any]]  # per argument leaf: ("input", entry index) or ("const", value)
     spec: Any  # pytree spec of the call's (args, kwargs)
     outputs: list[fx.Node | None]  # flattened outputs, in the module's output order
@@ -54,8 +57,12 @@ class Region:
 
     def call_args(self) -> tuple[tuple, dict]:
         """The call's arguments as they are now (later passes may have replaced an input)."""
-        leaves = [self.entries[v].args[0] if kind == "input" else v for kind, v in self.slots]
+        leaves = [_read(self.entries[v]) if kind == "input" else v for kind, v in self.slots]
         return tree_unflatten(leaves, self.spec)
+
+
+def _read(entry: fx.Node) -> fx.Node:
+    return entry if entry.op == "get_attr" else entry.args[0]
 
 
 def region_input(x):
@@ -73,8 +80,32 @@ class Unexpanded:
     reason: str
 
 
+# functions that hold the projection weights as arguments: Dynamo's graphs (the torch.compile
+# backend) keep nn.MultiheadAttention as one call of this
+ATTENTION_FUNCTIONS = (F.multi_head_attention_forward,)
+
+
 def expandable(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in ATTENTION_FUNCTIONS
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ATTENTION_MODULES)
+
+
+def _callee(gm: fx.GraphModule, node: fx.Node):
+    """(what runs, its name for reports, its kind's name)"""
+    if node.op == "call_function":
+        name = _weight_owner(node) or node.name
+        return node.target, name, node.target.__name__
+    module = gm.get_submodule(node.target)
+    return module, node.target, type(module).__name__
+
+
+def _weight_owner(node: fx.Node) -> str | None:
+    """The module path of the first parameter a function call reads (`attn.in_proj_weight` → `attn`)."""
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr" and "." in arg.target:
+            return arg.target.rpartition(".")[0]
+    return None
 
 
 def expand(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[list[Region], list[Unexpanded]]:
@@ -85,17 +116,17 @@ def expand(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[list[Region]
     regions, kept = [], []
     programs: dict[Any, torch.export.ExportedProgram] = {}
     for node in [n for n in gm.graph.nodes if expandable(gm, n)]:
-        module = gm.get_submodule(node.target)
-        call = _Call(module, node.args, node.kwargs)
-        key = (_config_key(module), call.signature(values))
+        fn, name, kind = _callee(gm, node)
+        call = _Call(fn, node.args, node.kwargs)
+        key = (_config_key(fn) if isinstance(fn, nn.Module) else fn, call.signature(values))
         try:
             if key not in programs:
                 programs[key] = call.export(values)
-            regions.append(_inline(gm, node, programs[key], call, values))
+            regions.append(_inline(gm, node, programs[key], call, values, name))
         except _Unsupported as exc:
-            kept.append(Unexpanded(node.target, type(module).__name__, str(exc)))
+            kept.append(Unexpanded(name, kind, str(exc)))
         except Exception as exc:  # torch.export cannot take it: the call stays opaque, and is reported
-            kept.append(Unexpanded(node.target, type(module).__name__, f"torch.export: {first_line(exc)}"))
+            kept.append(Unexpanded(name, kind, f"torch.export: {first_line(exc)}"))
     gm.graph.lint()
     gm.recompile()
     return regions, kept
@@ -106,13 +137,17 @@ class _Unsupported(Exception):
 
 
 class _Call(nn.Module):
-    """One call of an attention module with its tensors as the only inputs: the same tensor
-    passed twice (self-attention: query is key is value) stays one input, so PyTorch takes its
-    single packed projection instead of slicing the weight three times."""
+    """One call of an attention module (or function) with its tensors as the only inputs: the
+    same tensor passed twice (self-attention: query is key is value) stays one input, so PyTorch
+    takes its single packed projection instead of slicing the weight three times. A function's
+    weights are inputs too, with their shapes fixed."""
 
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict):
+    def __init__(self, fn, args: tuple, kwargs: dict):
         super().__init__()
-        self.module = module
+        if isinstance(fn, nn.Module):
+            self.module = fn
+        else:
+            self.function = fn
         leaves, self.spec = tree_flatten((args, kwargs))
         self.inputs: list[fx.Node] = []  # distinct tensor nodes, in first-use order
         self.slots: list[Any] = []  # per leaf: ("input", i) or ("const", value)
@@ -127,6 +162,8 @@ class _Call(nn.Module):
     def forward(self, *tensors):
         leaves = [tensors[v] if kind == "input" else v for kind, v in self.slots]
         args, kwargs = tree_unflatten(leaves, self.spec)
+        if not hasattr(self, "module"):
+            return self.function(*args, **kwargs)
         if type(self.module) is nn.TransformerEncoder:
             return encoder_forward(self.module, *args, **kwargs)
         return self.module(*args, **kwargs)
@@ -143,8 +180,10 @@ class _Call(nn.Module):
         example = tuple(values[n] for n in self.inputs)
         if not all(isinstance(t, torch.Tensor) for t in example):
             raise _Unsupported("an argument is not a tensor")
-        dynamic = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in example)
-        return torch.export.export(self, example, strict=False, dynamic_shapes=(dynamic,))
+        dynamic = tuple(None if n.op == "get_attr" else {d: torch.export.Dim.AUTO for d in range(t.dim())}
+                        for n, t in zip(self.inputs, example))
+        with torch._guards.tracing(None):  # inside torch.compile's backend: keep Dynamo's own guards apart
+            return torch.export.export(self, example, strict=False, dynamic_shapes=(dynamic,))
 
 
 def encoder_forward(encoder: nn.TransformerEncoder, src: torch.Tensor, mask: torch.Tensor | None = None,
@@ -206,7 +245,7 @@ def _plain(value):
 
 
 def _inline(gm: fx.GraphModule, node: fx.Node, program: torch.export.ExportedProgram, call: _Call,
-            values: dict[fx.Node, Any]) -> Region:
+            values: dict[fx.Node, Any], name: str) -> Region:
     """Copy `program`'s graph into `gm` in place of `node`; its parameters become `get_attr`s of
     the module's own parameters (so they keep their names and are shared with the module)."""
     sig = program.graph_signature
@@ -217,13 +256,14 @@ def _inline(gm: fx.GraphModule, node: fx.Node, program: torch.export.ExportedPro
     graph = gm.graph
     made: list[fx.Node] = []
     with graph.inserting_before(node):
-        entries = [graph.call_function(region_input, (inp,)) for inp in call.inputs]
-        made += entries
+        # a parameter is read as it is (matching needs the get_attr); anything else through a marker
+        entries = [inp if inp.op == "get_attr" else graph.call_function(region_input, (inp,)) for inp in call.inputs]
+        made += [e for e in entries if e.op != "get_attr"]
         users = iter(entries)
         for n in program.graph.nodes:
             if n.op == "placeholder":
                 if n.name in owned:  # "module.in_proj_weight" → "<path>.in_proj_weight"
-                    env[n] = graph.get_attr(f"{node.target}.{owned[n.name].removeprefix('module.')}")
+                    env[n] = graph.get_attr(f"{name}.{owned[n.name].removeprefix('module.')}")
                     made.append(env[n])
                 else:
                     env[n] = next(users)
@@ -239,7 +279,8 @@ def _inline(gm: fx.GraphModule, node: fx.Node, program: torch.export.ExportedPro
     for entry, inp in zip(entries, call.inputs):
         if inp in values:
             values[entry] = values[inp]
-    return Region(node.target, type(call.module).__name__, made, entries, call.slots, call.spec, outputs, spec)
+    kind = type(call.module).__name__ if hasattr(call, "module") else call.function.__name__
+    return Region(name, kind, node.op, node.target, made, entries, call.slots, call.spec, outputs, spec)
 
 
 def _rewire(graph: fx.Graph, node: fx.Node, outputs: list, spec, made: list[fx.Node],
@@ -276,7 +317,7 @@ def collapse_region(gm: fx.GraphModule, region: Region) -> None:
     inside = set(region.nodes)
     args, kwargs = region.call_args()
     with graph.inserting_before(region.nodes[0]):
-        call = graph.call_module(region.path, args, kwargs)
+        call = graph.create_node(region.op, region.target, args, kwargs)
         if region.out_spec.is_leaf():
             replacements = [call]
         else:
@@ -297,8 +338,9 @@ def collapse_region(gm: fx.GraphModule, region: Region) -> None:
 def open_region(gm: fx.GraphModule, region: Region) -> None:
     """Keep `region` expanded for good: its `region_input` markers read their inputs directly."""
     for entry in region.entries:
-        entry.replace_all_uses_with(entry.args[0])
-        gm.graph.erase_node(entry)
+        if entry.op != "get_attr":
+            entry.replace_all_uses_with(entry.args[0])
+            gm.graph.erase_node(entry)
 
 
 __all__ = ["ATTENTION_MODULES", "Region", "Unexpanded", "expand", "expandable", "collapse_region", "open_region",

@@ -3,7 +3,11 @@
 A lossy substitute starts from `from_original` (an SVD-type fit of the weight), which minimises
 the weight error, not the error on the data the layer sees. Layer-wise training closes that gap:
 each substitute is trained, independently of the others, to map the inputs its original layer
-receives on calibration data to the outputs the original layer produces.
+receives on calibration data to the outputs the original layer produces. A substitute that can
+solve that least-squares problem in closed form (`fit_to_inputs`: lowrank's SVD of the weight
+whitened by the inputs' Gram matrix) does so
+first, from one pass over the data; the gradient steps then start from the optimum of the
+squared error.
 
 Streaming keeps memory bounded: every step runs the original graph once on one calibration batch
 (an fx `Interpreter` that keeps only the sites' inputs and outputs), and every site takes one
@@ -49,6 +53,7 @@ class Layerwise:
     loss: str = "mse"
     distill_steps: int = 0
     distill_lr: float = 1e-4
+    distill_sites: float = 0.0  # weight of the per-site targets in the distillation loss (0: outputs only)
     progress: bool = False  # rich progress bars, one per site
 
     def __post_init__(self):
@@ -56,6 +61,8 @@ class Layerwise:
             raise ValueError(f"unknown layer-wise loss {self.loss!r} (known: {', '.join(LOSSES)})")
         if self.steps < 0 or self.distill_steps < 0 or not self.lr > 0 or not self.distill_lr > 0:
             raise ValueError("layer-wise steps must be ≥ 0 and learning rates > 0")
+        if not self.distill_sites >= 0:
+            raise ValueError("the weight of the per-site distillation targets must be ≥ 0")
 
 
 def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -80,6 +87,7 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
     """
     if not candidates or config.steps == 0 or not batches:
         return {}
+    fit_to_inputs(gm, candidates, batches)
     criterion = loss_fn(config.loss)
     keep = {n for site, _ in candidates for n in (site.input, site.output)}
     optims = {site.key: torch.optim.Adam(module.parameters(), lr=config.lr) for site, module in candidates}
@@ -118,11 +126,44 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
     }
 
 
+@torch.no_grad()
+def fit_to_inputs(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple]) -> None:
+    """Substitutes with a closed-form fit to their inputs (a class method `fit_to_inputs` taking
+    (substitute, original layer, Gram matrix) triples: lowrank) take it before the gradient steps:
+    one pass over the batches accumulates each site's input Gram matrix X·Xᵀ (in × in, float64),
+    then each substitute class fits all of its layers at once."""
+    fitting = [(site, m) for site, m in candidates if hasattr(type(m), "fit_to_inputs")]
+    if not fitting:
+        return
+    grams: dict[str, torch.Tensor] = {}
+    keep = {site.input for site, _ in fitting}
+    for batch in batches:
+        rec = Recorder(gm, keep)
+        rec.run(*batch)
+        for site, _ in fitting:
+            x = rec.values[site.input].detach()
+            x = x.reshape(-1, x.shape[-1]).double()
+            grams[site.key] = grams.get(site.key, 0) + x.T @ x
+    for cls in dict.fromkeys(type(m) for _, m in fitting):
+        cls.fit_to_inputs([(m, site.module, grams[site.key]) for site, m in fitting if type(m) is cls])
+
+
 def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequence[nn.Module],
-            batches: Sequence[tuple], config: Layerwise) -> dict[str, float | int] | None:
+            batches: Sequence[tuple], config: Layerwise,
+            reference: tuple[fx.GraphModule, Sequence[tuple[fx.Node, nn.Module]]] | None = None
+            ) -> dict[str, float | int] | None:
     """Train the substitutes inside the rewritten model so that its outputs match the original
     model's (relative squared error over every floating-point output). Everything else in the
-    rewritten model stays frozen and in eval mode (batch-norm statistics do not move)."""
+    rewritten model stays frozen and in eval mode (batch-norm statistics do not move).
+
+    With `config.distill_sites` > 0 and `reference` (the traced graph before the rewrite, and
+    pairs of a site's output node in it and the substitute that replaced the site), each substitute's
+    output inside the rewritten model is also pulled towards its original layer's output on the
+    same batch, weighted by `distill_sites` (the mean of the per-site relative squared errors):
+    the layer-wise objective, on the inputs the rewritten model gives each layer instead of the
+    original's, so errors do not pile up from layer to layer. The original's outputs then come
+    from the reference graph's run (the trace computes what the model computes; end_to_end checks
+    it)."""
     params = [p for m in substitutes for p in m.parameters()]
     if not params or config.distill_steps == 0 or not batches:
         return None
@@ -132,7 +173,11 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     opt = torch.optim.Adam(params, lr=config.distill_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.distill_steps)
     window = min(len(batches), config.distill_steps)
-    losses = []
+    per_site = config.distill_sites > 0 and reference is not None and bool(reference[1])
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
+             for i, (_, m) in enumerate(reference[1])] if per_site else []
+    losses, site_losses = [], []
     for p in frozen:
         p.requires_grad_(False)
     try:
@@ -141,21 +186,41 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
             for step in range(config.distill_steps):
                 batch = batches[step % len(batches)]
                 with torch.no_grad():
-                    targets = _float_leaves(original(*batch))
+                    if per_site:
+                        graph, pairs = reference
+                        nodes = [n for n, _ in pairs]
+                        rec = Recorder(graph, set(nodes))
+                        targets = _float_leaves(rec.run(*batch))
+                        site_targets = [rec.values[n] for n in nodes]
+                    else:
+                        targets = _float_leaves(original(*batch))
                 outs = _float_leaves(rewritten(*batch))
                 loss = sum(criterion(o, t) for o, t in zip(outs, targets)) / max(len(targets), 1)
+                if per_site:
+                    site_loss = sum(criterion(outputs[i], t) for i, t in enumerate(site_targets)) / len(site_targets)
+                    site_losses.append(site_loss.item())
+                    losses.append(loss.item())
+                    loss = loss + config.distill_sites * site_loss
+                else:
+                    losses.append(loss.item())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 constrain_(substitutes)
                 sched.step()
-                losses.append(loss.item())
+                outputs.clear()
                 advance("distill")
     finally:
+        for h in hooks:
+            h.remove()
         for p in frozen:
             p.requires_grad_(True)
-    return {"steps": len(losses), "loss_before": _mean(losses[:window]), "loss_after": _mean(losses[-window:]),
-            "curve": curve(losses)}
+    stats = {"steps": len(losses), "loss_before": _mean(losses[:window]), "loss_after": _mean(losses[-window:]),
+             "curve": curve(losses)}
+    if per_site:
+        stats |= {"sites_weight": config.distill_sites, "site_loss_before": _mean(site_losses[:window]),
+                  "site_loss_after": _mean(site_losses[-window:])}
+    return stats
 
 
 def curve(losses: Sequence[float], points: int = 50) -> list[float]:

@@ -536,7 +536,8 @@ def _dense_conv(op: str, w: torch.Tensor, b: torch.Tensor | None, args: dict) ->
 CONTRACTIONS = {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                 "conv_transpose3d", "convolution", "_convolution", "matmul", "mm", "bmm", "addmm", "baddbmm",
                 "addbmm", "einsum", "mv", "addmv", "bilinear", "tensordot", "_int_mm",
-                "_native_multi_head_attention", "_transformer_encoder_layer_fwd", "lstm", "gru", "rnn_tanh",
+                "_native_multi_head_attention", "_transformer_encoder_layer_fwd", "multi_head_attention_forward",
+                "lstm", "gru", "rnn_tanh",
                 "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"}
 # ops that only move, cast or select a weight's values on its way to a contraction
 PASSTHROUGH = {"t", "transpose", "permute", "view", "reshape", "unsqueeze", "squeeze", "expand", "contiguous",

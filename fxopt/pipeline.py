@@ -33,6 +33,7 @@ Every stage's name and time go into the log and the report; every site leaves a 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -168,6 +169,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         accepted = validate_sites(traced.gm, candidates, records, batches)
     with stage("gate"):
         accepted = gate_sites(accepted, records, time_sites)
+    reference = None
+    if layerwise.distill_steps and layerwise.distill_sites and accepted:  # the original graph, for per-site targets
+        reference = copy.deepcopy(traced.gm)
     with stage("substitute"):
         before = summarize(traced.gm, {n.name: d.site.key for d in decisions for n in d.site.nodes})
         kept = {d.site.output.name: d.site.key for d in decisions if records[d.site.key].status != "applied"}
@@ -180,7 +184,11 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     distilled = None
     if layerwise.distill_steps and accepted:
         with stage("distill"):
-            distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise)
+            if reference is not None:  # sites measured by recall (wta_hash) fill outputs with −inf: no target
+                named = {n.name: n for n in reference.graph.nodes}
+                reference = (reference, [(named[site.output.name], m) for site, m in accepted
+                                         if getattr(m, "validated_by", None) != "recall"])
+            distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise, reference)
     params_after = param_count(gm)  # before freeze: a packed weight is still one weight
     if freeze_substitutes:
         with stage("freeze"):
@@ -280,10 +288,15 @@ def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]
     """Layer-wise training; each record keeps its site's error before training (`error_init`)."""
     before = site_errors(gm, candidates, batches)
     trained = train_sites(gm, candidates, train_batches, config)
-    for site, _ in candidates:
+    for site, module in candidates:
         rec = records[site.key]
         rec.error_init = None if "failed" in before[site.key] else before[site.key]
         rec.layerwise = trained.get(site.key)
+        # a fit to the inputs may have resized the substitute (lowrank's allocate: inputs)
+        rec.module_after = repr(module).replace("\n", " ")
+        rec.params_after = param_count(module)
+        rec.flops_after = flops(module, site.in_shape, site.out_shape)
+        rec.reconstruction_error = getattr(module, "reconstruction_error", None)
 
 
 def gate_sites(accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],

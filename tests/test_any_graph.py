@@ -32,9 +32,9 @@ class WithUnused(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.conv(torch.relu(self.stem(x))))
-        aux = self.aux_conv(h).mean()  # computed, never returned
+        self.aux_conv(h).mean()  # computed, never returned
         h = torch.relu(self.fc(h.mean((2, 3))))
-        pooled = torch.tanh(self.pool(h))  # computed, never returned
+        torch.tanh(self.pool(h))  # computed, never returned
         return self.head(h)
 
 

@@ -199,3 +199,38 @@ def test_training_refuses_to_drop_a_trainable_parameter():
     with pytest.raises(Exception, match=r"0\.weight requires grad, but the kron substitute at site 0 replaces it "
                                         r"with parameters of its own \(A, B\)"):
         compiled(torch.randn(2, 64))
+
+
+class WithAttention(nn.Module):
+    """nn.MultiheadAttention, which Dynamo keeps as one `F.multi_head_attention_forward` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        a, _ = self.attn(x, x, x, need_weights=False)
+        return self.fc(a)
+
+
+def test_attention_projections_are_sites_under_the_backend(monkeypatch):
+    from fxopt import pipeline
+
+    seen = []
+    real = pipeline.rewrite
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append({s["key"]: s["status"] for s in result.report["sites"]})
+        return result
+
+    monkeypatch.setattr(pipeline, "rewrite", spy)
+    torch.manual_seed(0)
+    model, x = WithAttention().eval(), torch.randn(2, 5, 64)
+    full = rules.parse("version: 1\nrules:\n  - {substitute: kron, params: {rank: full, max_flops_ratio: null}}\n")
+    compiled = torch.compile(model, backend="fxopt", options={"rules": full, "inner": "eager"})
+    with torch.no_grad():
+        out = compiled(x)
+    assert seen == [{"attn.in_proj": "applied", "attn.out_proj": "applied", "fc": "applied"}]
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-5)

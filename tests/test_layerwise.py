@@ -99,3 +99,39 @@ def test_cosine_loss_trains_too():
         if s["layerwise"]:
             assert s["layerwise"]["loss"] == "cosine"
             assert s["error"]["cosine"] > s["error_init"]["cosine"]
+
+
+def test_distillation_with_per_site_targets_pulls_every_layer_towards_its_original():
+    """`distill_sites`: each substitute's output inside the rewritten model is also pulled to its
+    original layer's output on the same batch (the reference graph's run)."""
+    model, example, calib = mlp_setup()
+    rules = parse("version: 1\nrules:\n  - {substitute: lowrank, match: {op: linear}, "
+                  "params: {rank: 2, max_flops_ratio: null}}\n", "r.yaml")
+
+    def run(weight):
+        torch.manual_seed(0)
+        return fxopt.optimize(model, example, rules, calibration=calib, time_sites=False,
+                              layerwise=Layerwise(distill_steps=60, distill_lr=3e-3, distill_sites=weight))
+
+    def layer_error(result):
+        """Mean over layers of ‖substitute's output in the rewritten model − original layer's output‖² / ‖…‖²."""
+        ours = [m for m in result.model.modules() if type(m).__name__ == "LowRankLinear"]
+        theirs = [m for m in model if isinstance(m, nn.Linear)]
+        got: dict = {}
+        hooks = [m.register_forward_hook(lambda mod, a, out, k=(side, i): got.__setitem__(k, out))
+                 for side, mods in (("ours", ours), ("theirs", theirs)) for i, m in enumerate(mods)]
+        errors = []
+        with torch.no_grad():
+            for (x,) in calib:
+                model(x), result.model(x)
+                errors += [((got["ours", i] - got["theirs", i]).square().sum() / got["theirs", i].square().sum()).item()
+                           for i in range(len(theirs))]
+        for h in hooks:
+            h.remove()
+        return sum(errors) / len(errors)
+
+    plain, per_site = run(0.0), run(1.0)
+    d = per_site.report["training"]["distill"]
+    assert d["sites_weight"] == 1.0 and d["site_loss_after"] < d["site_loss_before"]
+    assert "site_loss_after" not in plain.report["training"]["distill"]
+    assert layer_error(per_site) < layer_error(plain)

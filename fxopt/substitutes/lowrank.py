@@ -58,6 +58,32 @@ class LowRankLinear(nn.Module):
         return cls((root[:, None] * vh[:r]).to(dtype), (u[:, :r] * root).to(dtype),
                    None if linear.bias is None else linear.bias.detach(), error)
 
+    @classmethod
+    @torch.no_grad()
+    def fit_to_inputs(cls, items: list[tuple["LowRankLinear", nn.Linear, torch.Tensor]]) -> None:
+        """Refit each (substitute, original layer, Gram matrix G = X·Xᵀ of its inputs) to its
+        inputs (`fit_inputs`)."""
+        for m, linear, gram in items:
+            m.fit_inputs(linear, gram)
+
+    @torch.no_grad()
+    def fit_inputs(self, linear: nn.Linear, gram: torch.Tensor, damping: float = 1e-3) -> None:
+        """Refit to the inputs the layer sees: the rank-r W' minimising ‖(W − W')·X‖ over the
+        calibration inputs X, given their Gram matrix G = X·Xᵀ (in × in). With S = G^½,
+        W' = [W·S]_r · S⁻¹ (truncated SVD of the whitened weight): the closed-form optimum of
+        layer-wise training's squared error, where the plain SVD optimises ‖W − W'‖ as if every
+        input direction mattered equally. `damping` (relative to the mean diagonal) keeps S
+        invertible for directions the calibration data never visits."""
+        self._set_whitened(*_whitened_svd(linear, gram, damping))
+
+    def _set_whitened(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, inv_root: torch.Tensor) -> None:
+        r = self.rank
+        half = s[:r].sqrt()
+        self.down.weight.copy_(((half[:, None] * vh[:r]) @ inv_root).to(self.down.weight.dtype))
+        self.up.weight.copy_((u[:, :r] * half).to(self.up.weight.dtype))
+        total = s.square().sum()
+        self.reconstruction_error = (s[r:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))  # two GEMMs: rows·r·n + rows·m·r MACs
 
@@ -69,6 +95,19 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}→{self.rank}→{self.out_features}"
+
+
+def _whitened_svd(linear: nn.Linear, gram: torch.Tensor, damping: float = 1e-3):
+    """(U, σ, Vᴴ, S⁻¹) with U·diag(σ)·Vᴴ = W·S, S = G^½ (G normalised to mean diagonal 1, plus
+    `damping`·I), in float64."""
+    w = linear.weight.detach().double()
+    g = gram.double() / gram.diagonal().mean().clamp_min(1e-30)
+    g = g + damping * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    vals, vecs = torch.linalg.eigh(g)
+    vals = vals.clamp_min(damping)
+    root, inv_root = (vecs * vals.sqrt()) @ vecs.T, (vecs * vals.rsqrt()) @ vecs.T
+    u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+    return u, s, vh, inv_root
 
 
 def _resolve_rank(rank: int | None, max_flops_ratio: float | None, m: int, n: int) -> int:
