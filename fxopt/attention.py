@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +58,12 @@ class Region:
 
     def call_args(self) -> tuple[tuple, dict]:
         """The call's arguments as they are now (later passes may have replaced an input)."""
-        leaves = [_read(self.entries[v]) if kind == "input" else v for kind, v in self.slots]
-        return tree_unflatten(leaves, self.spec)
+        return _arguments(self.slots, self.spec, [e if e.op == "get_attr" else e.args[0] for e in self.entries])
 
 
-def _read(entry: fx.Node) -> fx.Node:
-    return entry if entry.op == "get_attr" else entry.args[0]
+def _arguments(slots: list[tuple[str, Any]], spec, inputs: list) -> tuple[tuple, dict]:
+    """(args, kwargs) of a call from its argument slots, the inputs filled in."""
+    return tree_unflatten([inputs[v] if kind == "input" else v for kind, v in slots], spec)
 
 
 def region_input(x):
@@ -160,21 +161,13 @@ class _Call(nn.Module):
                 self.slots.append(("const", leaf))
 
     def forward(self, *tensors):
-        leaves = [tensors[v] if kind == "input" else v for kind, v in self.slots]
-        args, kwargs = tree_unflatten(leaves, self.spec)
-        if not hasattr(self, "module"):
-            return self.function(*args, **kwargs)
-        if type(self.module) is nn.TransformerEncoder:
-            return encoder_forward(self.module, *args, **kwargs)
-        return self.module(*args, **kwargs)
+        args, kwargs = _arguments(self.slots, self.spec, list(tensors))
+        return (self.module if hasattr(self, "module") else self.function)(*args, **kwargs)
 
     def signature(self, values: dict[fx.Node, Any]) -> tuple:
         metas = tuple((tuple(values[n].shape), values[n].dtype) if isinstance(values[n], torch.Tensor)
                       else ("value", repr(values[n])) for n in self.inputs)
-        return metas, tuple(self.slots_repr()), repr(self.spec)
-
-    def slots_repr(self):
-        return [(kind, v if kind == "input" else repr(v)) for kind, v in self.slots]
+        return metas, tuple((kind, v if kind == "input" else repr(v)) for kind, v in self.slots), repr(self.spec)
 
     def export(self, values: dict[fx.Node, Any]) -> torch.export.ExportedProgram:
         example = tuple(values[n] for n in self.inputs)
@@ -182,7 +175,8 @@ class _Call(nn.Module):
             raise _Unsupported("an argument is not a tensor")
         dynamic = tuple(None if n.op == "get_attr" else {d: torch.export.Dim.AUTO for d in range(t.dim())}
                         for n, t in zip(self.inputs, example))
-        with torch._guards.tracing(None):  # inside torch.compile's backend: keep Dynamo's own guards apart
+        # inside torch.compile's backend: keep Dynamo's own guards apart
+        with torch._guards.tracing(None), inference_encoders(self):
             return torch.export.export(self, example, strict=False, dynamic_shapes=(dynamic,))
 
 
@@ -214,13 +208,19 @@ def encoder_forward(encoder: nn.TransformerEncoder, src: torch.Tensor, mask: tor
     return output
 
 
-def with_inference_encoders(model: nn.Module) -> nn.Module:
-    """`model` with each `nn.TransformerEncoder` in it computing `encoder_forward` (for a
-    whole-model torch.export, which never takes PyTorch's fast paths)."""
-    for m in model.modules():
-        if type(m) is nn.TransformerEncoder:
-            m.forward = types.MethodType(encoder_forward, m)
-    return model
+@contextmanager
+def inference_encoders(model: nn.Module):
+    """Each `nn.TransformerEncoder` in `model` (itself included) computes `encoder_forward` while
+    inside: for torch.export, which never takes PyTorch's fast paths, of a whole model or of one
+    call (an `nn.Transformer` holds an encoder too)."""
+    encoders = [m for m in model.modules() if type(m) is nn.TransformerEncoder]
+    for m in encoders:
+        m.forward = types.MethodType(encoder_forward, m)
+    try:
+        yield model
+    finally:
+        for m in encoders:
+            del m.forward  # the class's own forward again
 
 
 def _config_key(module: nn.Module) -> tuple:
@@ -276,9 +276,6 @@ def _inline(gm: fx.GraphModule, node: fx.Node, program: torch.export.ExportedPro
     spec = program.call_spec.out_spec
     _rewire(graph, node, outputs, spec, made, values)
     graph.erase_node(node)
-    for entry, inp in zip(entries, call.inputs):
-        if inp in values:
-            values[entry] = values[inp]
     kind = type(call.module).__name__ if hasattr(call, "module") else call.function.__name__
     return Region(name, kind, node.op, node.target, made, entries, call.slots, call.spec, outputs, spec)
 
@@ -344,4 +341,4 @@ def open_region(gm: fx.GraphModule, region: Region) -> None:
 
 
 __all__ = ["ATTENTION_MODULES", "Region", "Unexpanded", "expand", "expandable", "collapse_region", "open_region",
-           "with_inference_encoders"]
+           "inference_encoders"]

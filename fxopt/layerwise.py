@@ -4,10 +4,9 @@ A lossy substitute starts from `from_original` (an SVD-type fit of the weight), 
 the weight error, not the error on the data the layer sees. Layer-wise training closes that gap:
 each substitute is trained, independently of the others, to map the inputs its original layer
 receives on calibration data to the outputs the original layer produces. A substitute that can
-solve that least-squares problem in closed form (`fit_to_inputs`: lowrank's SVD of the weight
-whitened by the inputs' Gram matrix) does so
-first, from one pass over the data; the gradient steps then start from the optimum of the
-squared error.
+solve that least-squares problem in closed form (`fit_inputs`: lowrank's SVD of the weight
+whitened by the inputs' Gram matrix) does so first, from one pass over the data; the gradient
+steps then start from the optimum of the squared error.
 
 Streaming keeps memory bounded: every step runs the original graph once on one calibration batch
 (an fx `Interpreter` that keeps only the sites' inputs and outputs), and every site takes one
@@ -128,11 +127,10 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
 
 @torch.no_grad()
 def fit_to_inputs(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple]) -> None:
-    """Substitutes with a closed-form fit to their inputs (a class method `fit_to_inputs` taking
-    (substitute, original layer, Gram matrix) triples: lowrank) take it before the gradient steps:
-    one pass over the batches accumulates each site's input Gram matrix X·Xᵀ (in × in, float64),
-    then each substitute class fits all of its layers at once."""
-    fitting = [(site, m) for site, m in candidates if hasattr(type(m), "fit_to_inputs")]
+    """Substitutes with a closed-form fit to their inputs (`fit_inputs(original layer, Gram
+    matrix)`: lowrank) take it before the gradient steps: one pass over the batches accumulates
+    each site's input Gram matrix X·Xᵀ (in × in, float64), then each substitute refits."""
+    fitting = [(site, m) for site, m in candidates if hasattr(m, "fit_inputs")]
     if not fitting:
         return
     grams: dict[str, torch.Tensor] = {}
@@ -144,8 +142,8 @@ def fit_to_inputs(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module
             x = rec.values[site.input].detach()
             x = x.reshape(-1, x.shape[-1]).double()
             grams[site.key] = grams.get(site.key, 0) + x.T @ x
-    for cls in dict.fromkeys(type(m) for _, m in fitting):
-        cls.fit_to_inputs([(m, site.module, grams[site.key]) for site, m in fitting if type(m) is cls])
+    for site, module in fitting:
+        module.fit_inputs(site.module, grams[site.key])
 
 
 def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequence[nn.Module],
@@ -196,13 +194,11 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
                         targets = _float_leaves(original(*batch))
                 outs = _float_leaves(rewritten(*batch))
                 loss = sum(criterion(o, t) for o, t in zip(outs, targets)) / max(len(targets), 1)
+                losses.append(loss.item())
                 if per_site:
                     site_loss = sum(criterion(outputs[i], t) for i, t in enumerate(site_targets)) / len(site_targets)
                     site_losses.append(site_loss.item())
-                    losses.append(loss.item())
                     loss = loss + config.distill_sites * site_loss
-                else:
-                    losses.append(loss.item())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

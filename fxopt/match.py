@@ -280,8 +280,7 @@ def param_rows(gm: fx.GraphModule, node) -> Rows | None:
         if parts is None or not 0 <= node.args[1] < len(parts[1]):
             return None
         target, bounds, total = parts
-        start, stop = bounds[node.args[1]]
-        return Rows(target, start, stop, total) if (start, stop) != (0, total) else Rows(target)
+        return _rows(target, *bounds[node.args[1]], total)
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice):
         sl = node.args[1]
         if sl.step in (None, 1):
@@ -326,7 +325,11 @@ def _slice_rows(gm: fx.GraphModule, base, spec) -> Rows | None:
     start = start + total if start < 0 else start
     if not 0 <= start < stop:
         return None
-    return Rows(base.target, start, stop, total) if (start, stop) != (0, total) else Rows(base.target)
+    return _rows(base.target, start, stop, total)
+
+
+def _rows(target: str, start: int, stop: int, total: int) -> Rows:
+    return Rows(target) if (start, stop) == (0, total) else Rows(target, start, stop, total)
 
 
 def _ndim(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -365,8 +368,6 @@ ADDMMS = {torch.addmm, aten.addmm.default}
 BMMS = {torch.bmm, aten.bmm.default}
 BADDBMMS = {torch.baddbmm, aten.baddbmm.default}
 EINSUMS = {torch.einsum, torch.functional.einsum, aten.einsum.default}
-TRANSPOSES = {torch.t, aten.t.default, aten.numpy_T.default, torch.transpose, aten.transpose.int,
-              aten.permute.default}
 BATCHING = {torch.unsqueeze, aten.unsqueeze.default, aten.expand.default}
 
 
@@ -491,10 +492,6 @@ def _einsum_linear(gm: fx.GraphModule, equation: str, operands: list):
     return None
 
 
-def _is_param(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
-
-
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
     obj = gm
     for part in target.split("."):
@@ -581,24 +578,24 @@ def unseen(gm: fx.GraphModule, sites: list[Site], opaque: dict[str, str] | None 
                                                       f"does not open" + (f" ({why})" if why else "")})
         elif node.op in ("call_function", "call_method") and op_name(node) in CONTRACTIONS:
             for arg in node.all_input_nodes:
-                for target in _params_behind(arg):
-                    if target not in seen and _fetch(gm, target).dim() >= 2:
-                        found.setdefault(target, {"param": target, "node": node.name, "op": op_name(node),
-                                                  "reason": f"read by `{op_name(node)}` ({node.name}) in a form "
-                                                            "fxopt does not rewrite"})
+                target = _param_behind(arg)
+                if target is not None and target not in seen and _fetch(gm, target).dim() >= 2:
+                    found.setdefault(target, {"param": target, "node": node.name, "op": op_name(node),
+                                              "reason": f"read by `{op_name(node)}` ({node.name}) in a form "
+                                                        "fxopt does not rewrite"})
     return list(found.values())
 
 
-def _params_behind(node: fx.Node) -> list[str]:
+def _param_behind(node: fx.Node) -> str | None:
     """The get_attr target reached from `node` going back through PASSTHROUGH ops (their first
     argument is the data; the others are sizes, dims or indices)."""
     while isinstance(node, fx.Node):
         if node.op == "get_attr":
-            return [node.target]
+            return node.target
         if node.op not in ("call_function", "call_method") or op_name(node) not in PASSTHROUGH or not node.args:
-            return []
+            return None
         node = node.args[0]
-    return []
+    return None
 
 
 # --- what a site's output feeds -----------------------------------------------------------------

@@ -291,15 +291,10 @@ def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]
     """Layer-wise training; each record keeps its site's error before training (`error_init`)."""
     before = site_errors(gm, candidates, batches)
     trained = train_sites(gm, candidates, train_batches, config)
-    for site, module in candidates:
+    for site, _ in candidates:
         rec = records[site.key]
         rec.error_init = None if "failed" in before[site.key] else before[site.key]
         rec.layerwise = trained.get(site.key)
-        # a fit to the inputs may have resized the substitute (lowrank's allocate: inputs)
-        rec.module_after = repr(module).replace("\n", " ")
-        rec.params_after = param_count(module)
-        rec.flops_after = flops(module, site.in_shape, site.out_shape)
-        rec.reconstruction_error = getattr(module, "reconstruction_error", None)
 
 
 def gate_sites(accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .attention import Region, Unexpanded, expand, expandable, with_inference_encoders
+from .attention import Region, Unexpanded, expand, expandable, inference_encoders
 from .errors import ModelFileError, TraceFailure, first_line
 
 
@@ -117,7 +117,8 @@ def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") ->
             return Traced(gm, "symbolic_trace", None, regions, unexpanded)
         try:
             # a fresh copy: a failed symbolic_trace can leave state behind in the module
-            gm = export_program(with_inference_encoders(copy.deepcopy(model)), example_inputs).module()
+            with inference_encoders(copy.deepcopy(model)) as fresh:
+                gm = export_program(fresh, example_inputs).module()
             _propagate_shapes(gm, example_inputs)
             return Traced(gm, "export", first)
         except Exception as exc:

@@ -58,14 +58,6 @@ class LowRankLinear(nn.Module):
         return cls((root[:, None] * vh[:r]).to(dtype), (u[:, :r] * root).to(dtype),
                    None if linear.bias is None else linear.bias.detach(), error)
 
-    @classmethod
-    @torch.no_grad()
-    def fit_to_inputs(cls, items: list[tuple["LowRankLinear", nn.Linear, torch.Tensor]]) -> None:
-        """Refit each (substitute, original layer, Gram matrix G = X·Xᵀ of its inputs) to its
-        inputs (`fit_inputs`)."""
-        for m, linear, gram in items:
-            m.fit_inputs(linear, gram)
-
     @torch.no_grad()
     def fit_inputs(self, linear: nn.Linear, gram: torch.Tensor, damping: float = 1e-3) -> None:
         """Refit to the inputs the layer sees: the rank-r W' minimising ‖(W − W')·X‖ over the
@@ -74,15 +66,11 @@ class LowRankLinear(nn.Module):
         layer-wise training's squared error, where the plain SVD optimises ‖W − W'‖ as if every
         input direction mattered equally. `damping` (relative to the mean diagonal) keeps S
         invertible for directions the calibration data never visits."""
-        self._set_whitened(*_whitened_svd(linear, gram, damping))
-
-    def _set_whitened(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, inv_root: torch.Tensor) -> None:
+        u, s, vh, inv_root = _whitened_svd(linear, gram, damping)
         r = self.rank
         half = s[:r].sqrt()
         self.down.weight.copy_(((half[:, None] * vh[:r]) @ inv_root).to(self.down.weight.dtype))
         self.up.weight.copy_((u[:, :r] * half).to(self.up.weight.dtype))
-        total = s.square().sum()
-        self.reconstruction_error = (s[r:].square().sum() / total).sqrt().item() if total > 0 else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))  # two GEMMs: rows·r·n + rows·m·r MACs
