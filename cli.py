@@ -138,6 +138,37 @@ def bench(
 
 @app.command()
 @_one_line_errors
+def rescale(
+    model: Path = typer.Argument(..., help="MODEL.py, as for optimize (a CNN taking image batches)"),
+    factor: float = typer.Option(2.0, "--factor", "-f", help="inputs this many times smaller per spatial axis"),
+    rules: str = typer.Option("rescale", "--rules", "-r", help="rescale rule file, or a shipped name"),
+    out: Path = typer.Option(Path("out-rescaled"), "--out", "-o", help="output directory (replaced atomically)"),
+) -> None:
+    """Kernel rescaling: rewrite MODEL.py for inputs FACTOR times smaller (smaller kernels, resampled),
+    to train there first; write model.pt2 and the per-layer scaling check into OUT."""
+    from fxopt import rescale as rescale_mod
+    from fxopt.trace import load_model_file
+
+    ruleset = rules_mod.load_rescale(rules)
+    spec = load_model_file(model)
+    low = rescale_mod.down(spec.model, spec.example_inputs, factor, ruleset)
+    report = rescale_mod.save(spec.model, low, spec.example_inputs, out, str(model))
+    table = Table(title=f"{model}: rescaled for inputs of "
+                        f"{', '.join('×'.join(map(str, s)) for s in low.input_shapes)}", title_justify="left")
+    for col in ("layer", "status", "scaling error", "reason"):
+        table.add_column(col, overflow="fold")
+    for layer in report["layers"]:
+        error = "" if layer["error"] is None else f"{layer['error']:.3g}"
+        table.add_row(escape(layer["name"]), layer["status"], error, escape(layer["reason"] or ""))
+    console.print(table)
+    check = report["check"]
+    console.print(f"whole model on smooth inputs: rescaled vs original rel. L2 {check['low_resolution_rel_l2']:.3g}, "
+                  f"down and up again {check['round_trip_rel_l2']:.3g}", markup=False)
+    console.print(f"wrote {out}/model.pt2, report.json, report.md", markup=False)
+
+
+@app.command()
+@_one_line_errors
 def diff(
     a: Path = typer.Argument(..., help="a result folder written by `fxopt optimize` (or a .pt2 file)"),
     b: Path = typer.Argument(..., help="another one, e.g. the same model under other rules"),
@@ -157,7 +188,11 @@ def diff(
 def rules_check(files: list[str] = typer.Argument(..., help="rule files (or shipped names) to validate")) -> None:
     """Validate rule files without a model."""
     for f in files:
-        ruleset = rules_mod.load(f)
+        ruleset = rules_mod.load_any(f)
+        if isinstance(ruleset, rules_mod.RescaleRules):
+            names = ", ".join(f"{r.name} (min_kernel {r.min_kernel})" for r in ruleset.rules)
+            console.print(f"{f}: ok, {len(ruleset.rules)} rescale rule(s): {names}", markup=False)
+            continue
         names = ", ".join(f"{r.name} → {r.substitute}" for r in ruleset.rules)
         console.print(f"{f}: ok, {len(ruleset.rules)} rule(s): {names}", markup=False)
 

@@ -1,11 +1,12 @@
-"""1-bit weight matmul: y = act((x · Wᵀ) ⊙ α + b) with W ∈ {−1, +1} (or {−1, 0, +1}) packed 32 per int32.
+"""1-bit weight matmul: y = epilogue((x · Wᵀ) ⊙ α + b) with W ∈ {−1, +1} (or {−1, 0, +1}) packed 32 per int32.
 
 The op `fxopt::binary_linear` is what a packed binary layer (`fxopt.substitutes.binary`) calls and
 what its saved model holds. The registry (`codegen.registry`) picks the implementation:
 
 * torch reference: unpack W to the activation dtype, one GEMM, scale, bias, activation;
 * Triton: the weights stay packed in global memory (1/16 of the bytes of bf16) and are unpacked in
-  registers, tile by tile; scale, bias and the activation run in the kernel's epilogue.
+  registers, tile by tile; scale, bias and the generated epilogue (codegen.epilogue: any chain
+  the fuse pass accepts, as for kron) run on the fp32 accumulator before the one store.
   - GEMV path (batch ≤ 16, the memory-bound case): one program per (block of outputs, input row);
     each program streams its packed rows once along K, so the weight bytes read are N·K/8 per row
     of the batch, the re-reads served from L2.
@@ -26,26 +27,20 @@ import torch.nn.functional as F
 
 from fxopt.bits import unpack_weight, words_for
 
-from .registry import HAVE_TRITON, interpreted, wants_triton
+from . import epilogue as ep
+from .registry import HAVE_TRITON, interpreted, pick
 
-ACTIVATIONS = {
-    "none": lambda z: z,
-    "relu": F.relu,
-    "gelu": F.gelu,  # exact (erf) form
-    "silu": F.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-}
 GEMV_MAX_ROWS = 16
 
 
 def binary_linear_reference(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                            mask: Optional[torch.Tensor], in_features: int, activation: str) -> torch.Tensor:
+                            mask: Optional[torch.Tensor], in_features: int, extras: list[torch.Tensor],
+                            steps: ep.Steps) -> torch.Tensor:
     """Plain torch: the oracle every implementation is tested against."""
     y = F.linear(x, unpack_weight(signs, mask, in_features, x.dtype)) * scale.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return ACTIVATIONS[activation](y)
+    return ep.apply(y, steps, extras)
 
 
 if HAVE_TRITON:
@@ -72,21 +67,11 @@ if HAVE_TRITON:
         return w
 
     @triton.jit
-    def _epilogue(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
-        """Per-output-channel scale, bias, activation, in fp32."""
+    def _scale_bias(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS: tl.constexpr):
+        """Per-output-channel scale and bias, in fp32 (the generated epilogue follows)."""
         acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        if ACTIVATION == "relu":
-            acc = tl.maximum(acc, 0.0)
-        elif ACTIVATION == "gelu":
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        elif ACTIVATION == "silu":
-            acc = acc * tl.sigmoid(acc)
-        elif ACTIVATION == "sigmoid":
-            acc = tl.sigmoid(acc)
-        elif ACTIVATION == "tanh":
-            acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
         return acc
 
     @triton.jit
@@ -94,7 +79,8 @@ if HAVE_TRITON:
         x_ptr, s_ptr, m_ptr, scale_ptr, bias_ptr, y_ptr,
         N, K, KW,                      # outputs, inputs, int32 words per weight row
         stride_xm, stride_ym,          # row strides (columns are contiguous)
-        HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, ACTIVATION: tl.constexpr,
+        e0, r0, c0, e1, r1, c1, e2, r2, c2, e3, r3, c3,   # the epilogue's extras (codegen.epilogue)
+        HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, EPILOGUE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # grid: (⌈N / BLOCK_N⌉, rows); program (i, m) computes y[m, i·BLOCK_N : (i+1)·BLOCK_N]
@@ -107,7 +93,8 @@ if HAVE_TRITON:
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             w = _weight_tile(s_ptr, m_ptr, offs_n, k0 // 32, N, KW, tl.float32, TERNARY, BLOCK_N, BLOCK_K)
             acc += tl.sum(w * x[None, :], axis=1)  # sign flips and adds: no weight multiplies to speak of
-        acc = _epilogue(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS, ACTIVATION)
+        acc = _scale_bias(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS)
+        acc = EPILOGUE(acc, row, offs_n, offs_n < N, e0, r0, c0, e1, r1, c1, e2, r2, c2, e3, r3, c3)
         tl.store(y_ptr + row * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     @triton.jit
@@ -115,7 +102,8 @@ if HAVE_TRITON:
         x_ptr, s_ptr, m_ptr, scale_ptr, bias_ptr, y_ptr,
         M, N, K, KW,
         stride_xm, stride_ym,
-        HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+        e0, r0, c0, e1, r1, c1, e2, r2, c2, e3, r3, c3,
+        HAS_BIAS: tl.constexpr, TERNARY: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # grouped ordering: GROUP_M row-blocks share each column-block while it is in L2
@@ -136,9 +124,10 @@ if HAVE_TRITON:
                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
             w = _weight_tile(s_ptr, m_ptr, offs_n, k0 // 32, N, KW, x.dtype, TERNARY, BLOCK_N, BLOCK_K)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-        acc = _epilogue(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS, ACTIVATION)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        acc = _scale_bias(acc, offs_n, scale_ptr, bias_ptr, N, HAS_BIAS)
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        acc = EPILOGUE(acc, offs_m[:, None], offs_n[None, :], out_mask, e0, r0, c0, e1, r1, c1, e2, r2, c2, e3, r3, c3)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                      for n in (16, 32, 64) for k in (256, 512, 1024) for w in (4, 8)]
@@ -157,7 +146,8 @@ if HAVE_TRITON:
 
 
 def binary_linear_triton(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                         mask: Optional[torch.Tensor], in_features: int, activation: str) -> torch.Tensor:
+                         mask: Optional[torch.Tensor], in_features: int, extras: list[torch.Tensor],
+                         steps: ep.Steps) -> torch.Tensor:
     """Launcher: check → allocate → launch (GEMV for ≤ 16 rows, GEMM above)."""
     n, kw = signs.shape
     k = in_features
@@ -167,63 +157,73 @@ def binary_linear_triton(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tens
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out_shape = (*x.shape[:-1], n)
     if m == 0:
-        return y.reshape(*x.shape[:-1], n)
+        return y.reshape(out_shape)
     signs, scale = signs.contiguous(), scale.contiguous()
     mask_t = signs if mask is None else mask.contiguous()  # never read when not ternary
     bias_t = scale if bias is None else bias.contiguous()  # never read without bias
-    flags = {"HAS_BIAS": bias is not None, "TERNARY": mask is not None, "ACTIVATION": activation}
+    flags = {"HAS_BIAS": bias is not None, "TERNARY": mask is not None, "EPILOGUE": ep.kernel_function(steps)}
     args = (x2, signs, mask_t, scale, bias_t, y)
+    extra_args = ep.pointer_args(extras, out_shape, scale)
     if m <= GEMV_MAX_ROWS:
         if interpreted():
             grid = (triton.cdiv(n, _GEMV_INTERPRETED["BLOCK_N"]), m)
-            _gemv_kernel[grid](*args, n, k, kw, x2.stride(0), y.stride(0), **flags, **_GEMV_INTERPRETED)
+            _gemv_kernel[grid](*args, n, k, kw, x2.stride(0), y.stride(0), *extra_args, **flags, **_GEMV_INTERPRETED)
         else:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
-            _gemv_tuned[grid](*args, n, k, kw, x2.stride(0), y.stride(0), **flags)
+            _gemv_tuned[grid](*args, n, k, kw, x2.stride(0), y.stride(0), *extra_args, **flags)
     else:
         flags["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
         if interpreted():
             c = _GEMM_INTERPRETED
             grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
-            _gemm_kernel[grid](*args, m, n, k, kw, x2.stride(0), y.stride(0), **flags, **c)
+            _gemm_kernel[grid](*args, m, n, k, kw, x2.stride(0), y.stride(0), *extra_args, **flags, **c)
         else:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-            _gemm_tuned[grid](*args, m, n, k, kw, x2.stride(0), y.stride(0), **flags)
-    return y.reshape(*x.shape[:-1], n)
+            _gemm_tuned[grid](*args, m, n, k, kw, x2.stride(0), y.stride(0), *extra_args, **flags)
+    return y.reshape(out_shape)
 
 
 @torch.library.custom_op("fxopt::binary_linear", mutates_args=())
 def binary_linear(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                  mask: Optional[torch.Tensor], in_features: int, activation: str) -> torch.Tensor:
-    """act((x · Wᵀ) ⊙ scale + bias), W unpacked from `signs` (and `mask`); see the module docstring."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"binary_linear: unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
-    if wants_triton(x):
-        return binary_linear_triton(x, signs, scale, bias, mask, in_features, activation)
-    return binary_linear_reference(x, signs, scale, bias, mask, in_features, activation)
+                  mask: Optional[torch.Tensor], in_features: int, extras: list[torch.Tensor], epilogue: str) -> torch.Tensor:
+    """epilogue((x · Wᵀ) ⊙ scale + bias, *extras), W unpacked from `signs` (and `mask`); `epilogue`
+    is a chain's JSON (codegen.epilogue). See the module docstring."""
+    steps = ep.decode(epilogue)
+    if ep.extras_used(steps) > len(extras):
+        raise ValueError(f"binary_linear: epilogue {epilogue} reads {ep.extras_used(steps)} extras, got {len(extras)}")
+    run = pick(x, binary_linear_triton, binary_linear_reference)
+    return run(x, signs, scale, bias, mask, in_features, extras, steps)
 
 
 @binary_linear.register_fake
-def _(x, signs, scale, bias, mask, in_features, activation):
+def _(x, signs, scale, bias, mask, in_features, extras, epilogue):
     return x.new_empty((*x.shape[:-1], signs.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    x, signs, scale, bias, mask, in_features, activation = inputs
-    ctx.save_for_backward(x, signs, scale, bias, mask)
-    ctx.in_features, ctx.activation = in_features, activation
+    x, signs, scale, bias, mask, in_features, extras, epilogue = inputs
+    ctx.save_for_backward(x, signs, scale, bias, mask, *extras)
+    ctx.in_features, ctx.epilogue = in_features, epilogue
 
 
 def _backward(ctx, grad):
-    """Gradient for x only (the packed weights are constants): dx = (dy ⊙ act'(z)) · (α ⊙ W)."""
-    x, signs, scale, bias, mask = ctx.saved_tensors
-    if ctx.activation != "none":
+    """Gradients for x and the epilogue's extra tensors (the packed weights are constants):
+    back through the chain by autograd on its torch steps, then dx = (dz ⊙ α) · W."""
+    x, signs, scale, bias, mask, *extras = ctx.saved_tensors
+    steps = ep.decode(ctx.epilogue)
+    d_extras = [None] * len(extras)
+    if steps:
         with torch.enable_grad():
-            z = binary_linear(x.detach(), signs, scale, bias, mask, ctx.in_features, "none").requires_grad_()
-            (grad,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](z), z, grad)
+            z = binary_linear(x.detach(), signs, scale, bias, mask, ctx.in_features, [], "").requires_grad_()
+            leaves = [e.detach().requires_grad_(e.is_floating_point()) for e in extras]
+            wanted = [z] + [e for e in leaves if e.requires_grad]
+            grads = torch.autograd.grad(ep.apply(z, steps, leaves), wanted, grad, allow_unused=True)
+        grad, rest = grads[0], iter(grads[1:])
+        d_extras = [next(rest) if e.requires_grad else None for e in leaves]
     w = unpack_weight(signs, mask, ctx.in_features, grad.dtype)
-    return (grad.contiguous() * scale.to(grad.dtype)) @ w, None, None, None, None, None, None
+    return (grad.contiguous() * scale.to(grad.dtype)) @ w, None, None, None, None, None, d_extras, None
 
 
 binary_linear.register_autograd(_backward, setup_context=_setup)

@@ -33,29 +33,57 @@ import hashlib
 import importlib.util
 import json
 import math
+import operator
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 MAX_EXTRAS = 4
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """One step: its torch form, its Triton template, and how fx graphs spell it (what the fuse
+    pass recognises: call_function targets, Tensor method names, module classes)."""
+
+    torch: Callable
+    triton: str  # {v}: the running value; {o}: the operand of a binary step
+    functions: tuple = ()
+    methods: tuple[str, ...] = ()
+    modules: tuple[type, ...] = ()
+
+
+# The one table of pointwise steps: generator, reference and fuse pass all read it.
 UNARY = {
-    "relu": (F.relu, "tl.maximum({v}, 0.0)"),
-    "gelu": (F.gelu, "0.5 * {v} * (1.0 + tl.erf({v} * 0.7071067811865476))"),
-    "silu": (F.silu, "{v} * tl.sigmoid({v})"),
-    "sigmoid": (torch.sigmoid, "tl.sigmoid({v})"),
-    "tanh": (torch.tanh, "2.0 * tl.sigmoid(2.0 * {v}) - 1.0"),
+    "relu": Pointwise(F.relu, "tl.maximum({v}, 0.0)", (torch.relu, F.relu, aten.relu.default), ("relu",), (nn.ReLU,)),
+    "gelu": Pointwise(F.gelu, "0.5 * {v} * (1.0 + tl.erf({v} * 0.7071067811865476))",  # exact (erf) form only
+                      (F.gelu, aten.gelu.default), (), (nn.GELU,)),
+    "silu": Pointwise(F.silu, "{v} * tl.sigmoid({v})", (F.silu, aten.silu.default), (), (nn.SiLU,)),
+    "sigmoid": Pointwise(torch.sigmoid, "tl.sigmoid({v})", (torch.sigmoid, F.sigmoid, aten.sigmoid.default),
+                         ("sigmoid",), (nn.Sigmoid,)),
+    "tanh": Pointwise(torch.tanh, "2.0 * tl.sigmoid(2.0 * {v}) - 1.0", (torch.tanh, F.tanh, aten.tanh.default),
+                      ("tanh",), (nn.Tanh,)),
 }
-BINARY = {  # name → (torch, Triton template with {v} the running value and {o} the operand)
-    "add": (lambda v, o: v + o, "{v} + {o}"),
-    "sub": (lambda v, o: v - o, "{v} - {o}"),
-    "rsub": (lambda v, o: o - v, "{o} - {v}"),
-    "mul": (lambda v, o: v * o, "{v} * {o}"),
-    "div": (lambda v, o: v / o, "{v} / {o}"),
-    "rdiv": (lambda v, o: o / v, "{o} / {v}"),
+BINARY = {
+    "add": Pointwise(lambda v, o: v + o, "{v} + {o}", (operator.add, torch.add, aten.add.Tensor), ("add",)),
+    "sub": Pointwise(lambda v, o: v - o, "{v} - {o}", (operator.sub, torch.sub, aten.sub.Tensor), ("sub",)),
+    "mul": Pointwise(lambda v, o: v * o, "{v} * {o}", (operator.mul, torch.mul, aten.mul.Tensor), ("mul",)),
+    "div": Pointwise(lambda v, o: v / o, "{v} / {o}", (operator.truediv, torch.div, aten.div.Tensor), ("div",)),
+    "rsub": Pointwise(lambda v, o: o - v, "{o} - {v}"),  # the running value on the right (fuse: SWAPPED)
+    "rdiv": Pointwise(lambda v, o: o / v, "{o} / {v}"),
+}
+SWAPPED = {"add": "add", "mul": "mul", "sub": "rsub", "div": "rdiv"}
+CLAMPS = {  # spelling → which bounds it takes (the step is always ("clamp", lo, hi))
+    "clamp": ((torch.clamp, aten.clamp.default), ("min", "max")),
+    "clamp_min": ((torch.clamp_min, aten.clamp_min.default), ("min",)),
+    "clamp_max": ((torch.clamp_max, aten.clamp_max.default), ("max",)),
 }
 Steps = tuple[tuple[Any, ...], ...]
 
@@ -107,10 +135,10 @@ def apply(y: torch.Tensor, steps: Steps, extras: Sequence[torch.Tensor] = ()) ->
     """The torch reference: the chain applied to `y` step by step."""
     for name, *args in steps:
         if name in UNARY:
-            y = UNARY[name][0](y)
+            y = UNARY[name].torch(y)
         elif name in BINARY:
             o = extras[args[0]] if isinstance(args[0], int) else args[0]
-            y = BINARY[name][0](y, o)
+            y = BINARY[name].torch(y, o)
         else:
             y = y.clamp(*args)
     return y
@@ -128,7 +156,7 @@ def source(steps: Steps) -> str:
     for i, (name, *args) in enumerate(steps):
         v = "acc"
         if name in UNARY:
-            expr = UNARY[name][1].format(v=v)
+            expr = UNARY[name].triton.format(v=v)
         elif name in BINARY:
             if isinstance(args[0], int):
                 j = args[0]
@@ -139,7 +167,7 @@ def source(steps: Steps) -> str:
                 operand = f"t{j}"
             else:
                 operand = repr(args[0])
-            expr = BINARY[name][1].format(v=v, o=operand)
+            expr = BINARY[name].triton.format(v=v, o=operand)
         else:
             lo, hi = args
             expr = v

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from . import epilogue as ep
-from .registry import HAVE_TRITON, interpreted, wants_triton
+from .registry import HAVE_TRITON, interpreted, pick
 
 
 def kron_linear_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
@@ -150,9 +150,7 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optiona
     steps = ep.decode(epilogue)
     if ep.extras_used(steps) > len(extras):
         raise ValueError(f"kron_linear: epilogue {epilogue} reads {ep.extras_used(steps)} extras, got {len(extras)}")
-    if wants_triton(x):
-        return kron_linear_triton(x, a, b, bias, extras, steps)
-    return kron_linear_reference(x, a, b, bias, extras, steps)
+    return pick(x, kron_linear_triton, kron_linear_reference)(x, a, b, bias, extras, steps)
 
 
 @kron_linear.register_fake

@@ -9,7 +9,8 @@
   the kernels are imported (the tests do that), and runs the kernels on CPU tensors, slowly.
 
 Set it with the environment variable `FXOPT_BACKEND` or, in Python, `use_backend("torch")` (a
-context manager). Kernels ask `wants_triton(tensor)` and nothing else.
+context manager). Every kernel op and every substitute that calls one chooses with
+`pick(tensor, triton_implementation, torch_implementation)` and nothing else.
 """
 
 from __future__ import annotations
@@ -68,3 +69,8 @@ def wants_triton(x: torch.Tensor) -> bool:
             raise RuntimeError("FXOPT_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1")
         return True
     return HAVE_TRITON and x.is_cuda
+
+
+def pick(x: torch.Tensor, triton_impl, torch_impl):
+    """The implementation to run on `x`: `triton_impl` where the backend wants Triton, else `torch_impl`."""
+    return triton_impl if wants_triton(x) else torch_impl

@@ -2,7 +2,7 @@
 
     >>> import fxopt
     >>> result = fxopt.optimize(model, (torch.randn(8, 64),), "kron")      # doctest: +SKIP
-    >>> result.module(x)                 # the rewritten model (a torch.fx GraphModule)
+    >>> result.model(x)                  # the rewritten model (a torch.fx GraphModule)
     >>> result.report["end_to_end"]      # errors against the original, params, FLOPs
     >>> result.save("out/")              # model.pt2 + report.json + report.md
     >>> model = fxopt.load("out/")       # runs without the original model file

@@ -17,11 +17,11 @@ def dense_flops(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) 
     return 2 * math.prod(out_shape) * math.prod(w.shape[1:])
 
 
-def flops(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> int:
-    """FLOPs of a dense layer or of a substitute (which defines `flops(in_shape, out_shape)`)."""
-    if hasattr(module, "flops"):
-        return module.flops(in_shape, out_shape)
-    return dense_flops(module, in_shape, out_shape)
+def substitute_flops(substitute, original: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> int:
+    """FLOPs of a substitute (fxopt.substitutes.Substitute) standing in for `original`: its own
+    count, or the dense layer's where it does not change the count (binary: additions instead)."""
+    count = substitute.flops(in_shape, out_shape)
+    return dense_flops(original, in_shape, out_shape) if count is None else count
 
 
 def param_count(module: nn.Module) -> int:

@@ -30,7 +30,7 @@ import fnmatch
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import networkx as nx
 import torch
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx, nn
 
-from .rules import Rule, RuleSet
+if TYPE_CHECKING:  # rules.py imports this module (CONSUMERS); this one needs its types only
+    from .rules import Rule, RuleSet
 
 aten = torch.ops.aten
 MODULE_OPS = ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Linear, "linear"))

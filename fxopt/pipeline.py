@@ -49,7 +49,7 @@ from torch import fx, nn
 from . import rules as rules_mod
 from . import substitutes
 from .errors import FxoptError, first_line
-from .flops import dense_flops, flops, param_count, storage_bytes
+from .flops import dense_flops, param_count, storage_bytes, substitute_flops
 from .gate import site_latency, verdict
 from .graphs import summarize
 from .layerwise import Layerwise, distill, train_sites
@@ -190,7 +190,7 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
             if reference is not None:  # sites measured by recall (wta_hash) fill outputs with −inf: no target
                 named = {n.name: n for n in reference.graph.nodes}
                 reference = (reference, [(named[site.output.name], m) for site, m in accepted
-                                         if getattr(m, "validated_by", None) != "recall"])
+                                         if m.validated_by != "recall"])
             distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise, reference)
     params_after = param_count(gm)  # before freeze: a packed weight is still one weight
     if freeze_substitutes:
@@ -262,8 +262,8 @@ def build(decisions: list[Decision], live: set[fx.Node] | None = None
         rec.build_seconds = round(time.perf_counter() - start, 4)
         rec.module_after = repr(module).replace("\n", " ")
         rec.params_after = param_count(module)
-        rec.flops_after = flops(module, d.site.in_shape, d.site.out_shape)
-        rec.reconstruction_error = getattr(module, "reconstruction_error", None)
+        rec.flops_after = substitute_flops(module, d.site.module, d.site.in_shape, d.site.out_shape)
+        rec.reconstruction_error = module.reconstruction_error
         candidates.append((d.site, module))
     return records, candidates
 

@@ -1,4 +1,4 @@
-"""Reports: format the pipeline's records, nothing else (DESIGN principle 10).
+"""Reports: format the pipeline's records, nothing else (docs/architecture.md, principle 10).
 
 `report.json` keys are stable (schema 1): `sites` (one entry per linear/conv site), `end_to_end`
 (error keys, `top1_agreement` for classifier outputs, whole-model params and site FLOPs,

@@ -40,15 +40,16 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import rules as rules_mod
-from .errors import FxoptError
+from .errors import FxoptError, first_line
+from .trace import propagate_shapes
 
 
 # --- the resampling operators ------------------------------------------------------------------
@@ -129,8 +130,11 @@ def _trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     try:
         gm = fx.symbolic_trace(copy.deepcopy(model))
     except Exception as exc:
-        raise FxoptError(f"rescale: cannot trace {type(model).__name__} with torch.fx: {exc}") from None
-    ShapeProp(gm).propagate(*inputs)
+        raise FxoptError(f"rescale: cannot trace {type(model).__name__} with torch.fx: {first_line(exc)}") from None
+    try:
+        propagate_shapes(gm, inputs)
+    except Exception as exc:
+        raise FxoptError(f"rescale: {type(model).__name__} fails on its example inputs: {first_line(exc)}") from None
     return gm
 
 
@@ -147,7 +151,7 @@ def _flatten_source(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return src if meta is not None and len(meta.shape) == 4 else None
 
 
-def _claims(gm: fx.GraphModule, ruleset: rules_mod.RuleSet) -> dict[str, rules_mod.Rule | str]:
+def _claims(gm: fx.GraphModule, ruleset: rules_mod.RescaleRules) -> dict[str, rules_mod.RescaleRule | str]:
     """Conv layer name → the rule that claims it, or the reason none does."""
     from .match import choose_rules, find_sites
 
@@ -156,11 +160,11 @@ def _claims(gm: fx.GraphModule, ruleset: rules_mod.RuleSet) -> dict[str, rules_m
 
 
 def down(model: nn.Module, example_inputs: tuple, factor: float = 2.0,
-         rules: str | rules_mod.RuleSet = "rescale") -> Rescaled:
+         rules: str | rules_mod.RescaleRules = "rescale") -> Rescaled:
     """`model` rewritten for inputs `factor` times smaller per spatial axis (see the module doc)."""
     if not factor > 1:
         raise FxoptError(f"rescale: factor must be greater than 1, got {factor}")
-    ruleset = rules_mod.load(rules)
+    ruleset = rules_mod.load_rescale(rules)
     gm = _trace(model, example_inputs)
     claims = _claims(gm, ruleset)
     small_inputs = [downsample_input(x, factor) for x in example_inputs]
@@ -183,10 +187,10 @@ def down(model: nn.Module, example_inputs: tuple, factor: float = 2.0,
         low_shape = _shape_at(low, small_inputs, src.name)
         records.append(_down_linear(low, node.target, full_shape, low_shape))
     try:
-        ShapeProp(low).propagate(*small_inputs)
+        propagate_shapes(low, small_inputs)
     except Exception as exc:
         raise FxoptError(f"rescale: the rescaled model fails at {[tuple(x.shape) for x in small_inputs]}: "
-                         f"{type(exc).__name__}: {exc}") from None
+                         f"{first_line(exc)}") from None
     low.recompile()
     return Rescaled(low, factor, [tuple(x.shape) for x in small_inputs], records)
 
@@ -221,12 +225,12 @@ def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
 
 
 def _down_conv(low: fx.GraphModule, name: str, conv: nn.Conv2d, factor: float,
-               claim: rules_mod.Rule | str) -> LayerRecord:
+               claim: rules_mod.RescaleRule | str) -> LayerRecord:
     rec = LayerRecord(name, "conv", "kept", before=_geometry(conv))
     if isinstance(claim, str):
         rec.reason = claim
         return rec
-    min_kernel = claim.param_dict.get("min_kernel", 5)  # the claiming rule's own setting
+    min_kernel = claim.min_kernel  # the claiming rule's own setting
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         rec.reason = f"padding {conv.padding!r}/{conv.padding_mode} is not rescaled"
         return rec
@@ -241,7 +245,7 @@ def _down_conv(low: fx.GraphModule, name: str, conv: nn.Conv2d, factor: float,
         new.weight.copy_(resample(conv.weight, kernel, (2, 3), factor))
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
-    _replace(low, name, new)
+    low.set_submodule(name, new)
     rec.status, rec.after = "rescaled", _geometry(new)
     return rec
 
@@ -258,7 +262,7 @@ def _down_linear(low: fx.GraphModule, name: str, full: tuple[int, ...], small: t
     if full == small:
         rec.reason = "the feature map it reads keeps its size"
         return rec
-    _replace(low, name, _resized_linear(lin, full, small))
+    low.set_submodule(name, _resized_linear(lin, full, small))
     rec.status, rec.after = "rescaled", {"in_features": math.prod(small), "map": list(small)}
     return rec
 
@@ -275,11 +279,6 @@ def _resized_linear(lin: nn.Linear, full: tuple[int, ...], small: tuple[int, ...
         if lin.bias is not None:
             new.bias.copy_(lin.bias)
     return new
-
-
-def _replace(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(gm.get_submodule(owner) if owner else gm, attr, module)
 
 
 def up(low: Rescaled, like: nn.Module) -> nn.Module:
@@ -378,7 +377,7 @@ def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
 
 
 def schedule(model: nn.Module, example_inputs: tuple, factor: float, low_epochs: int, full_epochs: int,
-             train_epoch: Callable[[nn.Module, float, int], None], rules: str | rules_mod.RuleSet = "rescale",
+             train_epoch: Callable[[nn.Module, float, int], None], rules: str | rules_mod.RescaleRules = "rescale",
              bn_batches: Iterable[torch.Tensor] | None = None) -> tuple[nn.Module, list[Phase], Rescaled]:
     """Rewrite down, train `low_epochs` at 1/factor resolution, rewrite up, train `full_epochs` at
     full resolution. `train_epoch(model, scale, epoch)` trains one epoch with inputs downsampled
@@ -401,3 +400,48 @@ def schedule(model: nn.Module, example_inputs: tuple, factor: float, low_epochs:
         train_epoch(full, 1.0, low_epochs + epoch)
     phases.append(Phase("full", full_epochs, time.perf_counter() - start))
     return full, phases, low
+
+
+# --- the command: `fxopt rescale MODEL.py --factor 2 --out DIR` ----------------------------------
+
+def save(model: nn.Module, low: Rescaled, example_inputs: tuple, out: str | Path, source: str) -> dict[str, Any]:
+    """Check `low` against `model` (`check`) and write it as an fxopt result folder: model.pt2 (the
+    low-resolution model, loadable with `fxopt.load`), report.json and report.md (the per-layer
+    scaling check, the kept layers with their reasons, the input sizes it expects). Returns the report."""
+    from .save import write_result
+    from .trace import export_program
+
+    checked = check(model, low, example_inputs)  # fills each rescaled conv's error first
+    report = {"model": source, "technique": "rescale"} | low.report() | {"check": checked}
+    small = [downsample_input(x, low.factor) for x in example_inputs]
+    try:
+        program = export_program(low.model.eval(), tuple(small))
+    except Exception as exc:
+        raise FxoptError(f"rescale: cannot export the rescaled model: {first_line(exc)}") from None
+    write_result(out, program, report, {"report.md": markdown(report)}, input_shapes=low.input_shapes)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The rescale report for people."""
+    fmt = lambda v: "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    shapes = ", ".join("×".join(map(str, s)) for s in report["input_shapes"])
+    lines = [f"# fxopt rescale: {report['model']}", "",
+             f"Factor {report['factor']:g}: the rescaled model expects inputs of {shapes}.", "",
+             f"Model on smooth inputs: rescaled model against the original, relative L2 "
+             f"{fmt(report['check']['low_resolution_rel_l2'])}; carried down and up again, "
+             f"{fmt(report['check']['round_trip_rel_l2'])}.", "",
+             "| layer | kind | status | before | after | scaling error | reason |", "|---|---|---|---|---|---|---|"]
+    for layer in report["layers"]:
+        lines.append(f"| {layer['name']} | {layer['kind']} | {layer['status']} | {_geometry_text(layer['before'])} "
+                     f"| {_geometry_text(layer['after'])} | {fmt(layer['error'])} | {layer['reason'] or ''} |")
+    lines += ["", "Scaling error: conv(↓x, ↓k) against ↓conv(x, k) on smooth inputs (relative L2)."]
+    return "\n".join(lines) + "\n"
+
+
+def _geometry_text(g: dict[str, Any]) -> str:
+    if not g:
+        return ""
+    if "kernel" in g:
+        return f"{'×'.join(map(str, g['kernel']))}, stride {g['stride']}, padding {g['padding']}"
+    return f"{g['in_features']} inputs ({'×'.join(map(str, g['map']))} map)"

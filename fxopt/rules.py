@@ -1,6 +1,6 @@
 """Rule files (YAML, schema version 1) → frozen dataclasses.
 
-A rule file names which layers to rewrite and with what; it holds no code (DESIGN principle 1):
+A rule file names which layers to rewrite and with what; it holds no code (docs/architecture.md, principle 1):
 
     version: 1
     rules:
@@ -21,6 +21,10 @@ A rule file names which layers to rewrite and with what; it holds no code (DESIG
         priority: 0                        # highest wins when several rules match a site
     end_to_end: {top1_agreement: 0.9}      # whole-model check; --strict fails when violated
 
+A rescale rule file (`fxopt rescale`, fxopt/rescale.py) holds `rescale:` instead of `rules:`, each
+entry with `name`, `match`, `min_kernel` and `priority`; either command refuses the other's file
+with a line that says which command to use.
+
 Every error names `file:line:column` (positions come from `yaml.compose`, which keeps them).
 """
 
@@ -36,6 +40,7 @@ import yaml
 
 from . import substitutes
 from .errors import RuleError
+from .match import CONSUMERS
 from .substitutes import OPS
 
 SCHEMA_VERSION = 1
@@ -255,8 +260,6 @@ def _match(r: _Reader, node: yaml.Node) -> Match:
 
 
 def _feeds(r: _Reader, node: yaml.Node) -> tuple[str, ...]:
-    from .match import CONSUMERS
-
     kinds = r.strings(node, "match.feeds")
     for kind in kinds:
         if kind not in CONSUMERS:
@@ -322,32 +325,107 @@ def _rule(r: _Reader, node: yaml.Node, index: int) -> Rule:
     )
 
 
-def parse(text: str, source: str = "<rules>") -> RuleSet:
-    """Parse rule-file text; raises RuleError naming source:line:column."""
-    r = _Reader(source)
+RESCALE_HINT = ("kernel rescaling is not a per-layer substitute: it rewrites the whole model for inputs N times "
+                "smaller, to train there first; run `fxopt rescale MODEL.py --factor N --rules {source} --out DIR`")
+
+
+def _root(r: _Reader, text: str, allowed: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """The top-level mapping of a rule file, its version checked."""
     try:
         root = yaml.compose(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise RuleError(source, line, col, f"invalid YAML: {exc.problem or exc.context}") from None
+        raise RuleError(r.source, line, col, f"invalid YAML: {exc.problem or exc.context}") from None
     if root is None:
-        raise RuleError(source, 1, 1, "empty rule file")
-    fields = r.mapping(root, "the rule file", ("version", "rules", "end_to_end"), required=("version", "rules"))
+        raise RuleError(r.source, 1, 1, "empty rule file")
+    fields = r.mapping(root, "the rule file", ("version", "rules", "end_to_end", "rescale"))
+    if "version" not in fields:
+        raise r.fail(root, "the rule file is missing required key 'version'")
     version_node = fields["version"][1]
     if r.scalar(version_node, "version", int) != SCHEMA_VERSION:
         raise r.fail(version_node, f"unsupported schema version (this fxopt reads version {SCHEMA_VERSION})")
-    rules_node = fields["rules"][1]
-    if not isinstance(rules_node, yaml.SequenceNode) or not rules_node.value:
-        raise r.fail(rules_node, "rules must be a non-empty list")
-    rules = tuple(_rule(r, node, i) for i, node in enumerate(rules_node.value))
-    seen: dict[str, Rule] = {}
-    for rule, node in zip(rules, rules_node.value):
-        if rule.name in seen:
-            raise r.fail(node, f"duplicate rule name {rule.name!r} (first at {seen[rule.name].where})")
-        seen[rule.name] = rule
+    if "rescale" in fields and "rescale" not in allowed:
+        raise r.fail(fields["rescale"][0], RESCALE_HINT.format(source=r.source))
+    if "rules" in fields and "rules" not in allowed:
+        raise r.fail(fields["rules"][0], "a file of substitution rules, not of rescale rules: run "
+                                         f"`fxopt optimize MODEL.py --rules {r.source}`")
+    for key in allowed:
+        if key not in fields and key != "end_to_end":
+            raise r.fail(root, f"the rule file is missing required key {key!r}")
+    return fields
+
+
+def _list(r: _Reader, node: yaml.Node, what: str, read) -> tuple:
+    """The entries of a rule list, each read by `read(node, index)`; names must be unique."""
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        raise r.fail(node, f"{what} must be a non-empty list")
+    entries = tuple(read(item, i) for i, item in enumerate(node.value))
+    seen = {}
+    for entry, item in zip(entries, node.value):
+        if entry.name in seen:
+            raise r.fail(item, f"duplicate rule name {entry.name!r} (first at {seen[entry.name].where})")
+        seen[entry.name] = entry
+    return entries
+
+
+def parse(text: str, source: str = "<rules>") -> RuleSet:
+    """Parse rule-file text; raises RuleError naming source:line:column."""
+    r = _Reader(source)
+    fields = _root(r, text, ("version", "rules", "end_to_end"))
+    rules = _list(r, fields["rules"][1], "rules", lambda node, i: _rule(r, node, i))
     e2e = _tolerance(r, fields["end_to_end"][1], "end_to_end", tuple(METRICS)) if "end_to_end" in fields else Tolerance()
     return RuleSet(source=source, rules=rules, end_to_end=e2e)
+
+
+# --- rescale rules (fxopt.rescale): which convolutions get smaller kernels -----------------------
+
+@dataclass(frozen=True)
+class RescaleRule:
+    """Convolutions this rule claims get kernels of about k/factor taps per axis, where they have
+    at least `min_kernel` taps along it (smaller kernels keep their size)."""
+
+    name: str
+    match: Match
+    min_kernel: int
+    priority: int
+    index: int
+    where: str
+
+
+@dataclass(frozen=True)
+class RescaleRules:
+    source: str
+    rules: tuple[RescaleRule, ...]
+
+
+RESCALE_OPS = ("conv2d",)
+
+
+def _rescale_rule(r: _Reader, node: yaml.Node, index: int) -> RescaleRule:
+    fields = r.mapping(node, f"rescale rule #{index + 1}", ("name", "match", "min_kernel", "priority"))
+    match = _match(r, fields["match"][1]) if "match" in fields else Match()
+    if len(match.ops) == len(OPS):
+        match = replace(match, ops=RESCALE_OPS)
+    elif set(match.ops) - set(RESCALE_OPS):
+        raise r.fail(fields["match"][1], f"rescaling resizes {', '.join(RESCALE_OPS)} kernels only")
+    min_kernel = 5
+    if "min_kernel" in fields:
+        min_kernel = r.scalar(fields["min_kernel"][1], "min_kernel", int)
+        if min_kernel < 2:
+            raise r.fail(fields["min_kernel"][1], f"min_kernel must be ≥ 2 (a 1-tap kernel cannot shrink), got {min_kernel}")
+    return RescaleRule(
+        name=r.scalar(fields["name"][1], "name", str) if "name" in fields else f"rescale{index + 1}",
+        match=match, min_kernel=min_kernel,
+        priority=r.scalar(fields["priority"][1], "priority", int) if "priority" in fields else 0,
+        index=index, where=f"{r.source}:{node.start_mark.line + 1}")
+
+
+def parse_rescale(text: str, source: str = "<rules>") -> RescaleRules:
+    """Parse a rescale rule file (`version` and a `rescale:` list); errors name source:line:column."""
+    r = _Reader(source)
+    fields = _root(r, text, ("version", "rescale"))
+    return RescaleRules(source, _list(r, fields["rescale"][1], "rescale", lambda node, i: _rescale_rule(r, node, i)))
 
 
 def shipped() -> dict[str, Path]:
@@ -356,10 +434,8 @@ def shipped() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
-def load(spec: str | Path | RuleSet) -> RuleSet:
-    """A RuleSet from a path, a shipped rule set's name (`"kron"`), or a RuleSet (returned as is)."""
-    if isinstance(spec, RuleSet):
-        return spec
+def _read(spec: str | Path) -> tuple[str, str]:
+    """(text, source) of a rule file given by path or shipped name."""
     path = Path(spec)
     if not path.exists() and isinstance(spec, str) and spec in shipped():
         path = shipped()[spec]
@@ -367,7 +443,27 @@ def load(spec: str | Path | RuleSet) -> RuleSet:
         known = ", ".join(sorted(shipped()))
         raise RuleError(str(spec), 1, 1, f"no such rule file (shipped rule sets: {known})")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8"), str(spec)
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleError(str(spec), 1, 1, f"cannot read rule file: {exc}") from None
-    return parse(text, str(spec))
+
+
+def load(spec: str | Path | RuleSet) -> RuleSet:
+    """A RuleSet from a path, a shipped rule set's name (`"kron"`), or a RuleSet (returned as is)."""
+    return spec if isinstance(spec, RuleSet) else parse(*_read(spec))
+
+
+def load_rescale(spec: str | Path | RescaleRules) -> RescaleRules:
+    """Rescale rules from a path, a shipped name (`"rescale"`), or RescaleRules (returned as is)."""
+    return spec if isinstance(spec, RescaleRules) else parse_rescale(*_read(spec))
+
+
+def load_any(spec: str | Path) -> RuleSet | RescaleRules:
+    """Either kind of rule file, told apart by its `rescale:` key (`fxopt rules check`)."""
+    text, source = _read(spec)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        root = None  # parse reports it with its position
+    keys = {k.value for k, _ in root.value} if isinstance(root, yaml.MappingNode) else set()
+    return parse_rescale(text, source) if "rescale" in keys else parse(text, source)

@@ -102,19 +102,28 @@ def write_json(path: str | Path, data) -> None:
 
 def save(result, out_dir: str | Path) -> Path:
     """Write `result` (an fxopt.Result) into `out_dir` atomically; returns the folder."""
-    from . import __version__
     from .html import report_page
     from .report import markdown
 
+    report = _json_safe(result.report)
+    return write_result(out_dir, result.program, report, {"report.md": markdown(result.report),
+                                                          "report.html": report_page(report)})
+
+
+def write_result(out_dir: str | Path, program: torch.export.ExportedProgram, report: dict,
+                 pages: dict[str, str], **manifest_fields) -> Path:
+    """An fxopt result folder, written atomically: model.pt2, report.json, the given `pages`
+    (file name → text) and the manifest (with `manifest_fields`: what `fxopt rescale` records)."""
+    from . import __version__
+
     out = Path(out_dir)
     with atomic_directory(out) as tmp:
-        torch.export.save(result.program, tmp / "model.pt2")
-        report = _json_safe(result.report)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (tmp / "report.md").write_text(markdown(result.report), encoding="utf-8")
-        (tmp / "report.html").write_text(report_page(report), encoding="utf-8")
+        torch.export.save(program, tmp / "model.pt2")
+        (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n", encoding="utf-8")
+        for name, text in pages.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         manifest = {"format": FORMAT, "version": 1, "fxopt_version": __version__, "model": "model.pt2"}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(manifest | manifest_fields, indent=2) + "\n", encoding="utf-8")
     return out
 
 

@@ -162,6 +162,13 @@ class _ShapeRecorder(fx.Interpreter):
         return value
 
 
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Every tensor-valued node's shape and dtype into node.meta["tensor_meta"] (torch.fx's ShapeProp,
+    silent when the graph fails: the caller says what failed)."""
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*example_inputs)
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, record: bool = True) -> dict[fx.Node, Any]:
     """Shapes into node.meta; returns the values read by attention-module calls (for `expand`)."""
     keep = {a for n in gm.graph.nodes if expandable(gm, n) for a in n.all_input_nodes}

@@ -36,6 +36,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .match import Site
+from .substitutes import Substitute
 
 
 class ErrorStats:
@@ -112,8 +113,8 @@ class RecallStats:
 
 
 def stats_for(module: nn.Module) -> ErrorStats | RecallStats:
-    """The statistics that fit a substitute (DESIGN principle 6)."""
-    return RecallStats() if getattr(module, "validated_by", None) == "recall" else ErrorStats()
+    """The statistics that fit a module: its `validated_by` where it is a substitute."""
+    return RecallStats() if isinstance(module, Substitute) and module.validated_by == "recall" else ErrorStats()
 
 
 class Recorder(fx.Interpreter):

@@ -14,7 +14,7 @@ import fxopt
 from fxopt.console.cli import app
 from fxopt.layerwise import Layerwise
 
-SHIPPED = ("kron", "lowrank", "binary", "separable", "bottleneck", "wta_hash", "rescale")
+SHIPPED = ("kron", "lowrank", "binary", "separable", "bottleneck", "wta_hash")  # rescale: `fxopt rescale`, test_rescale.py
 
 
 class WithUnused(nn.Module):

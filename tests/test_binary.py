@@ -18,7 +18,8 @@ from fxopt import substitutes
 from fxopt.bits import pack_bits, pack_signs, unpack_bits, unpack_mask, unpack_signs
 from fxopt.codegen import registry
 from fxopt.layerwise import Layerwise
-from fxopt.codegen.binary import ACTIVATIONS, binary_linear, binary_linear_reference
+from fxopt.codegen import epilogue as ep
+from fxopt.codegen.binary import binary_linear, binary_linear_reference
 from conftest import DEVICE, GPU, GPU_MARKS, needs_triton
 from fxopt.substitutes.binary import (
     BinaryConv, BinaryLinear, PackedBinaryLinear, QuantizedBackprop, binarize, channel_scales, hard_sigmoid,
@@ -356,21 +357,38 @@ def test_registry_refuses_triton_on_cpu_without_interpreter(monkeypatch):
 def test_kernel_matches_reference(m, n, k, ternary):
     p = _packed(n, k, ternary, seed=m + n + k).to(DEVICE)
     x = torch.randn(m, k, device=DEVICE)
-    ref = binary_linear_reference(x, p.signs, p.scale, p.bias, p.mask, k, "none")
+    ref = binary_linear_reference(x, p.signs, p.scale, p.bias, p.mask, k, [], ())
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, k, "none")
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, k, [], "")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+# Generated epilogues, as the kron kernel takes them: every unary step, scalars, extras (an
+# output-shaped residual and a per-channel vector), operands on the left, clamps.
+CHAINS = [[[name]] for name in sorted(ep.UNARY)] + [
+    [["gelu"], ["mul", 0.5], ["add", 0]],
+    [["silu"], ["rsub", 1.0], ["mul", 1]],
+    [["tanh"], ["add", 2.0], ["rdiv", 1], ["clamp", -1.0, None]],
+    [["mul", 0], ["sub", 1], ["clamp", None, 0.25], ["add", 0]],
+]
+
+
+def _extras(chain, shape):
+    """0 → a tensor of the output's shape, 1 → a per-channel vector (both > 0.5)."""
+    n = ep.extras_used(ep.check(chain))
+    return [torch.rand(shape if i == 0 else shape[-1:], device=DEVICE) + 0.5 for i in range(n)]
+
+
 @needs_triton
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("m", [3, 24])
-def test_kernel_epilogue_activations(activation, m):
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: "-".join(s[0] for s in c))
+@pytest.mark.parametrize("m", [3, 24])  # GEMV and GEMM paths
+def test_kernel_generated_epilogues(chain, m):
     p = _packed(21, 45, bias=m == 3, seed=7).to(DEVICE)
     x = torch.randn(2, m, 45, device=DEVICE)  # leading dims kept
-    ref = binary_linear_reference(x, p.signs, p.scale, p.bias, p.mask, 45, activation)
+    extras = _extras(chain, (2, m, 21))
+    ref = binary_linear_reference(x, p.signs, p.scale, p.bias, p.mask, 45, extras, ep.check(chain))
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 45, activation)
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 45, extras, ep.encode(chain))
     assert out.shape == (2, m, 21)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -381,27 +399,30 @@ def test_kernel_epilogue_activations(activation, m):
 def test_kernel_half_precision(dtype, m):
     p = _packed(24, 96, seed=8).to(DEVICE)
     x = torch.randn(m, 96, device=DEVICE, dtype=dtype)
-    ref = binary_linear_reference(x.float(), p.signs, p.scale, p.bias, p.mask, 96, "none")
+    ref = binary_linear_reference(x.float(), p.signs, p.scale, p.bias, p.mask, 96, [], ())
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 96, "none")
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 96, [], "")
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_op_gradient_and_opcheck(backend, activation):
+@pytest.mark.parametrize("chain", [[], [["gelu"], ["mul", 0], ["add", 1]]], ids=["plain", "epilogue"])
+def test_op_gradient_and_opcheck(backend, chain):
     p = _packed(12, 40, seed=9)
     dense = p.dense_weight()
     x = torch.randn(5, 40, requires_grad=True)
+    extras = [torch.rand(5, 12, requires_grad=True) + 0.5, torch.rand(12, requires_grad=True)][:ep.extras_used(ep.check(chain))]
     with registry.use_backend(backend):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 40, activation)
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 40, extras, ep.encode(chain))
         g = torch.randn_like(out)
-        (gx,) = torch.autograd.grad(out, x, g)
-        torch.library.opcheck(binary_linear, (x.detach(), p.signs, p.scale, p.bias, p.mask, 40, activation))
+        grads = torch.autograd.grad(out, [x, *extras], g)
+        torch.library.opcheck(binary_linear, (x.detach(), p.signs, p.scale, p.bias, p.mask, 40,
+                                              [e.detach() for e in extras], ep.encode(chain)))
     xr = x.detach().requires_grad_()
-    (gr,) = torch.autograd.grad(ACTIVATIONS[activation](F.linear(xr, dense, p.bias)), xr, g)
-    torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-5)
+    expected = torch.autograd.grad(ep.apply(F.linear(xr, dense, p.bias), ep.check(chain), extras), [xr, *extras], g)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_layer_compiles():
@@ -416,8 +437,8 @@ def test_packed_layer_compiles():
 def test_kernel_real_sizes_on_gpu(m, dtype):
     p = _packed(4096, 4096, seed=10).cuda()
     x = torch.randn(m, 4096, device="cuda", dtype=dtype)
-    ref = binary_linear_reference(x.float(), p.signs, p.scale, p.bias, p.mask, 4096, "relu")
+    ref = binary_linear_reference(x.float(), p.signs, p.scale, p.bias, p.mask, 4096, [], (("relu",),))
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 4096, "relu")
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 4096, [], ep.encode([["relu"]]))
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())

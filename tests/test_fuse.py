@@ -53,8 +53,12 @@ class Chains(nn.Module):
         return F.gelu(self.f(h), approximate="tanh").softmax(-1)
 
 
-def _optimized(model, x):
-    return fxopt.optimize(model, (x,), ALL_LINEAR, time_sites=False)
+BINARY_LINEAR = rules.parse("version: 1\nrules:\n  - match: {op: linear}\n    substitute: binary\n"
+                            "    tolerance: {cosine: 0.0}\n")
+
+
+def _optimized(model, x, ruleset=ALL_LINEAR):
+    return fxopt.optimize(model, (x,), ruleset, time_sites=False)
 
 
 def test_chains_are_fused_and_the_report_says_which():
@@ -84,10 +88,11 @@ def _unfused(model, result):
 
 
 @needs_triton
-def test_fused_kernels_match_the_unfused_graph():
+@pytest.mark.parametrize("ruleset", [ALL_LINEAR, BINARY_LINEAR], ids=["kron", "binary"])
+def test_fused_kernels_match_the_unfused_graph(ruleset):
     torch.manual_seed(1)
     model, x = Chains().eval(), torch.randn(3, 32)
-    result = _optimized(model, x)
+    result = _optimized(model, x, ruleset)
     with torch.no_grad():
         expected = result.model(x)
         with registry.use_backend("triton"):
@@ -168,17 +173,16 @@ def test_fused_model_saves_and_loads(tmp_path):
         torch.testing.assert_close(loaded(x), result.model(x))
 
 
-def test_a_packed_binary_layer_takes_one_activation_into_its_kernel():
+def test_a_packed_binary_layer_takes_any_chain_into_its_kernel():
     torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-    x = torch.randn(4, 32)
-    binary = rules.parse("version: 1\nrules:\n  - match: {op: linear}\n    substitute: binary\n"
-                         "    tolerance: {cosine: 0.0}\n")
-    result = fxopt.optimize(model, (x,), binary, time_sites=False)
-    assert [s["epilogue"] for s in result.report["sites"]] == [[["gelu"]], [["relu"]], None]
-    assert [result.model.get_submodule(k).activation for k in ("0", "2", "4")] == ["gelu", "relu", "none"]
-    assert [type(m).__name__ for _, m in result.substitutes] == ["PackedBinaryLinear"] * 3
-    assert all(m.activation == "none" for _, m in result.substitutes)  # the validated forms, unfused
+    model, x = Chains().eval(), torch.randn(4, 32)
+    result = _optimized(model, x, BINARY_LINEAR)
+    by_key = {s["key"]: s for s in result.report["sites"]}
+    assert {k: by_key[k]["epilogue"] for k in "abcdefg"} == {**Chains.expect, "e": None, "f": None, "g": None}
+    for key, steps in Chains.expect.items():
+        fused = result.model.get_submodule(key)
+        assert type(fused).__name__ == "PackedBinaryLinear" and fused.epilogue == ep.check(steps)
+    assert all(m.epilogue == () for _, m in result.substitutes)  # the validated forms, unfused
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), _unfused(model, result)(x), rtol=0, atol=0)
         torch.testing.assert_close(result.program.module()(x), result.model(x))

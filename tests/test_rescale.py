@@ -3,6 +3,8 @@ the spatial scaling property on smooth inputs, and the training schedule."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,15 +128,62 @@ def test_bad_factor_and_untraceable_model_fail_clearly():
         rescale.down(Branchy(), (x,), 2)
 
 
-def test_rule_file_selects_layers_and_optimize_declines_with_a_pointer():
+def test_rule_file_selects_layers_and_its_min_kernel():
     x = torch.randn(2, 3, 64, 64)
-    only_b = fxopt.rules.parse("version: 1\nrules:\n  - match: {op: conv2d, name: b}\n    substitute: rescale\n")
+    only_b = fxopt.rules.parse_rescale("version: 1\nrescale:\n  - match: {op: conv2d, name: b}\n")
     low = rescale.down(Convs().eval(), (x,), 2, rules=only_b)
     assert [r.name for r in low.records if r.status == "rescaled" and r.kind == "conv"] == ["b"]
-    result = fxopt.optimize(nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 5)).eval(), (x,),
-                            "rescale", time_sites=False)
-    reasons = [s["reason"] for s in result.report["sites"]]
-    assert any("whole model" in (r or "") for r in reasons)
+    assert {r.name: r.reason for r in low.records}["a"] == "rescale1: name 'a' matches none of b"
+    high = fxopt.rules.parse_rescale("version: 1\nrescale:\n  - min_kernel: 9\n")
+    low = rescale.down(Convs().eval(), (x,), 2, rules=high)
+    assert all(r.status == "kept" and "min_kernel 9" in r.reason for r in low.records if r.kind == "conv")
+
+
+@pytest.mark.parametrize("text,where,message", [
+    ("version: 1\nrescale:\n  - min_kernel: 1\n", (3, 17), "min_kernel must be ≥ 2"),
+    ("version: 1\nrescale:\n  - match: {op: linear}\n", (3, 12), "resizes conv2d kernels only"),
+    ("version: 1\nrescale:\n  - substitute: kron\n", (3, 5), "unknown key 'substitute' in rescale rule #1"),
+    ("version: 1\nrules:\n  - substitute: kron\n", (2, 1), "run `fxopt optimize MODEL.py --rules r.yaml`"),
+    ("version: 1\nrescale: []\n", (2, 10), "rescale must be a non-empty list"),
+])
+def test_rescale_rule_errors_name_file_line_column(text, where, message):
+    with pytest.raises(fxopt.errors.RuleError) as info:
+        fxopt.rules.parse_rescale(text, "r.yaml")
+    assert (info.value.line, info.value.column) == where and message in str(info.value), str(info.value)
+
+
+def test_optimize_refuses_a_rescale_rule_file_at_once_with_the_command_to_use():
+    with pytest.raises(fxopt.errors.RuleError, match=r"rescale:\d+:1: kernel rescaling is not a per-layer substitute.*"
+                                                      r"fxopt rescale MODEL.py --factor N"):
+        fxopt.optimize(nn.Sequential(nn.Conv2d(3, 8, 5)).eval(), (torch.randn(1, 3, 16, 16),), "rescale")
+
+
+def test_rescale_command_writes_a_loadable_low_resolution_model_and_its_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from fxopt.console.cli import app
+
+    model = tmp_path / "m.py"
+    model.write_text("import torch\nfrom torch import nn\n"
+                     "model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),\n"
+                     "                      nn.Flatten(), nn.Linear(8 * 32 * 32, 10)).eval()\n"
+                     "def example_inputs():\n    return (torch.randn(2, 3, 32, 32),)\n")
+    out = tmp_path / "low"
+    result = CliRunner().invoke(app, ["rescale", str(model), "--factor", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["input_shapes"] == [[2, 3, 16, 16]]
+    assert json.loads((out / "manifest.json").read_text())["input_shapes"] == [[2, 3, 16, 16]]
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["0"]["status"] == "rescaled" and layers["0"]["after"]["kernel"] == [3, 3]
+    assert layers["0"]["error"] < 0.1  # the spatial scaling property on smooth inputs
+    assert layers["2"]["status"] == "kept" and "too small" in layers["2"]["reason"]
+    assert layers["4"]["status"] == "rescaled" and layers["4"]["after"]["in_features"] == 8 * 16 * 16
+    loaded = fxopt.load(out)
+    assert loaded(torch.randn(5, 3, 16, 16)).shape == (5, 10)  # batch stays dynamic
+    assert "| 2 | conv | kept |" in (out / "report.md").read_text()
+    bad = CliRunner().invoke(app, ["rescale", str(model), "--factor", "1", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "factor must be greater than 1" in bad.output
 
 
 def test_schedule_trains_low_then_full_and_times_each_phase():

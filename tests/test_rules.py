@@ -59,7 +59,7 @@ def body(rule: str, top: str = "") -> str:
     ("version: 1\n", (1, 1), "missing required key 'rules'"),
     ("version: 1\nrules: []\n", (2, 8), "non-empty list"),
     ("version: 1\nrules: {}\nextra: 1\n", (3, 1), "unknown key 'extra'"),
-    (body("  - substitute: nope\n"), (3, 17), "unknown substitute 'nope' (known: binary, bottleneck, kron, lowrank, rescale, separable, wta_hash)"),
+    (body("  - substitute: nope\n"), (3, 17), "unknown substitute 'nope' (known: binary, bottleneck, kron, lowrank, separable, wta_hash)"),
     (body("  - match: {op: linear}\n"), (3, 5), "missing required key 'substitute'"),
     (body("  - substitute: kron\n    colour: red\n"), (4, 5), "unknown key 'colour' in rule #1"),
     (body("  - substitute: kron\n    match: {op: conv3d}\n"), (4, 17), "unknown op 'conv3d'"),

@@ -1,5 +1,5 @@
 """Graph passes. Each is a small function `GraphModule → (GraphModule, records)` that ends with
-`graph.lint()` and `recompile()` (DESIGN principle 5)."""
+`graph.lint()` and `recompile()` (docs/architecture.md, principle 5)."""
 
 from .cleanup import cleanup, live_nodes
 from .collapse import collapse

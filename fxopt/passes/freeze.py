@@ -22,8 +22,7 @@ def freeze(gm: fx.GraphModule, placed: list[dict]) -> tuple[fx.GraphModule, dict
         final = deployable(module)
         if final is module:
             continue
-        owner, _, attr = p["target"].rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, attr, final)
+        gm.set_submodule(p["target"], final)
         frozen[p["site"]] = final
     gm.graph.lint()
     gm.recompile()

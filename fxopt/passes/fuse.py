@@ -24,34 +24,22 @@ absorbed nodes go; the substitute's call takes the extras after its input and ca
 from __future__ import annotations
 
 import math
-import operator
 from collections import Counter
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from ..codegen import epilogue as ep
+from ..substitutes import Substitute
 
-aten = torch.ops.aten
-_UNARY_FUNCTIONS = {
-    torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
-    F.gelu: "gelu", F.silu: "silu", F.sigmoid: "sigmoid", F.tanh: "tanh",
-    aten.relu.default: "relu", aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh",
-    aten.gelu.default: "gelu", aten.silu.default: "silu",
-}
-_UNARY_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_UNARY_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
-_BINARY_FUNCTIONS = {
-    operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
-    torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
-    aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul", aten.div.Tensor: "div",
-}
-_CLAMPS = {torch.clamp: "clamp", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
-           aten.clamp.default: "clamp", aten.clamp_min.default: "clamp_min", aten.clamp_max.default: "clamp_max"}
-_BINARY_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
-_SWAPPED = {"add": "add", "mul": "mul", "sub": "rsub", "div": "rdiv"}  # the chain value on the right
+# Lookups built from the one table of steps (codegen.epilogue): spelling → step name.
+_UNARY_FUNCTIONS = {f: name for name, p in ep.UNARY.items() for f in p.functions}
+_UNARY_METHODS = {m: name for name, p in ep.UNARY.items() for m in p.methods}
+_UNARY_MODULES = {m: name for name, p in ep.UNARY.items() for m in p.modules}
+_BINARY_FUNCTIONS = {f: name for name, p in ep.BINARY.items() for f in p.functions}
+_BINARY_METHODS = {m: name for name, p in ep.BINARY.items() for m in p.methods}
+_CLAMPS = {f: name for name, (functions, _) in ep.CLAMPS.items() for f in functions}
 _HARMLESS_KWARGS = {"inplace"}  # F.relu(x, inplace=True) computes what F.relu(x) does
 
 
@@ -63,7 +51,7 @@ def fuse(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
         if node in erased or node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if not hasattr(module, "epilogue_capacity"):
+        if not isinstance(module, Substitute):
             continue
         if calls[node.target] != 1:
             continue  # a module called twice cannot carry one call's chain
@@ -74,8 +62,7 @@ def fuse(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
         if not chain:
             continue
         module = module.with_epilogue(steps)
-        owner, _, attr = node.target.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, attr, module)
+        gm.set_submodule(node.target, module)
         last = chain[-1]
         with gm.graph.inserting_before(last):
             fused = gm.graph.call_module(node.target, (*node.args, *extras))
@@ -155,7 +142,7 @@ def _step(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> tuple[tuple, fx.
         return (name,), None
     if node.op == "call_function" and target in _CLAMPS:
         return _clamp(_CLAMPS[target], args, kwargs, value)
-    if node.op == "call_method" and target in ("clamp", "clamp_min", "clamp_max"):
+    if node.op == "call_method" and target in ep.CLAMPS:
         return _clamp(target, args, kwargs, value)
     if node.op == "call_function" and target in _BINARY_FUNCTIONS or node.op == "call_method" and target in _BINARY_METHODS:
         name = _BINARY_FUNCTIONS.get(target) if node.op == "call_function" else _BINARY_METHODS[target]
@@ -165,7 +152,7 @@ def _step(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> tuple[tuple, fx.
         if left is value and right is not value:
             other = right
         elif right is value and left is not value:
-            name, other = _SWAPPED[name], left
+            name, other = ep.SWAPPED[name], left
         else:
             return None
         if isinstance(other, fx.Node):
@@ -183,14 +170,8 @@ def _clamp(name: str, args: tuple, kwargs: dict, value: fx.Node) -> tuple[tuple,
     if not args or args[0] is not value:
         return None
     rest = list(args[1:])
-    if name == "clamp":
-        lo = rest.pop(0) if rest else kwargs.pop("min", None)
-        hi = rest.pop(0) if rest else kwargs.pop("max", None)
-    elif name == "clamp_min":
-        lo, hi = (rest.pop(0) if rest else kwargs.pop("min", None)), None
-    else:
-        lo, hi = None, (rest.pop(0) if rest else kwargs.pop("max", None))
-    bounds = (lo, hi)
+    given = {key: rest.pop(0) if rest else kwargs.pop(key, None) for key in ep.CLAMPS[name][1]}
+    bounds = (given.get("min"), given.get("max"))
     if rest or kwargs or bounds == (None, None):
         return None
     if not all(b is None or _finite_number(b) for b in bounds):

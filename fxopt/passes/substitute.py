@@ -70,5 +70,4 @@ def _only_user(gm: fx.GraphModule, call: fx.Node) -> bool:
 
 
 def _swap_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, child, module)
+    gm.set_submodule(path, module)

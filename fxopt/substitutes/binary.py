@@ -34,7 +34,6 @@ dtype. That is what fxopt saves (about 1/32 of the fp32 bytes for the weight) an
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Mapping
 
@@ -43,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.bits import pack_bits, pack_signs, unpack_weight
-from fxopt.codegen.binary import ACTIVATIONS, binary_linear
+from fxopt.codegen.binary import binary_linear
 
-from . import Decline, Param, SubstituteSpec, boolean, one_of, optional, register
+from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, boolean, int_in, number_in, one_of, optional, register
 
 MODES = ("binary", "ternary")
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -152,8 +151,9 @@ def quantization_error(weight: torch.Tensor, mode: str, threshold: float) -> flo
     return ((w - alpha * q).norm() / total).item() if total > 0 else 0.0
 
 
-class _Binary(nn.Module):
-    """Shared state: latent weights in [−1, 1], α per output channel, optional bias."""
+class _Binary(Substitute):
+    """Shared state: latent weights in [−1, 1], α per output channel, optional bias. FLOPs: the
+    base class's dense count (the MACs remain, as additions and sign changes)."""
 
     def _setup(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, threshold: float,
                stochastic: bool, backprop_bits: int | None) -> None:
@@ -220,10 +220,6 @@ class BinaryLinear(_Binary):
             y = F.linear(x, w)
         return y if self.bias is None else y + self.bias
 
-    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
-        """The dense layer's count: the MACs remain, as additions and sign changes."""
-        return 2 * math.prod(input_shape[:-1]) * self.out_features * self.in_features
-
     def packed(self) -> "PackedBinaryLinear":
         return PackedBinaryLinear(in_features=self.in_features, **self._frozen_tensors())
 
@@ -260,10 +256,6 @@ class BinaryConv(_Binary):
             return QuantizedBackprop.apply(x, w, self.backprop_bits, self._conv_args()) + _channel(self.bias, x)
         return _CONV[self.dims](x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
-        """The dense layer's count: each output element still sums (in/groups)·kernel terms."""
-        return 2 * math.prod(output_shape) * math.prod(self.latent.shape[1:])
-
     def packed(self) -> "PackedBinaryConv":
         return PackedBinaryConv(shape=tuple(self.latent.shape), conv=self._conv_args(), **self._frozen_tensors())
 
@@ -285,7 +277,7 @@ def _channel(v: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | float:
 
 # --- deployable forms: packed bits, no latent weights -----------------------------------------
 
-class _Packed(nn.Module):
+class _Packed(Substitute):
     def _setup(self, signs, mask, scale, bias) -> None:
         self.register_buffer("signs", signs)
         self.register_buffer("mask", mask)
@@ -296,38 +288,29 @@ class _Packed(nn.Module):
         return unpack_weight(self.signs, self.mask, k, dtype)
 
 
-class PackedBinaryLinear(_Packed):
-    """y = act((x·Wᵀ)⊙α + b) with W packed 32 per int32, through the `fxopt::binary_linear` op
-    (Triton on a GPU, the torch reference elsewhere). `activation` is fused into the kernel."""
+class PackedBinaryLinear(FusedEpilogue, _Packed):
+    """y = epilogue((x·Wᵀ)⊙α + b, *extras) with W packed 32 per int32, through the
+    `fxopt::binary_linear` op (Triton on a GPU, the torch reference elsewhere; the saved program
+    keeps the op, so the weights stay packed). The fuse pass sets `epilogue`, as for KronLinear."""
 
     def __init__(self, signs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                 mask: torch.Tensor | None = None, activation: str = "none"):
+                 mask: torch.Tensor | None = None, epilogue: tuple = ()):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
-        self.in_features, self.out_features, self.activation = in_features, signs.shape[0], activation
+        self.in_features, self.out_features = in_features, signs.shape[0]
+        self.epilogue = epilogue
         self._setup(signs, mask, scale, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return binary_linear(x, self.signs, self.scale, self.bias, self.mask, self.in_features, self.activation)
-
-    def epilogue_capacity(self, steps: tuple) -> int:
-        """The fuse pass may fold one activation into the kernel's epilogue, if it has none yet."""
-        return int(self.activation == "none" and bool(steps) and len(steps[0]) == 1 and steps[0][0] in ACTIVATIONS)
-
-    def with_epilogue(self, steps: tuple) -> "PackedBinaryLinear":
-        (name,), = steps
-        fused = copy.copy(self)
-        fused.activation = name
-        return fused
+    def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        return binary_linear(x, self.signs, self.scale, self.bias, self.mask, self.in_features, list(extras),
+                             self._epilogue_text)
 
     def dense_weight(self) -> torch.Tensor:
         return self._weight(self.in_features, self.scale.dtype) * self.scale[:, None]
 
     def extra_repr(self) -> str:
         kind = "ternary" if self.mask is not None else "binary"
-        act = f", {self.activation}" if self.activation != "none" else ""
-        return f"{self.in_features}→{self.out_features}, {kind}, packed{act}"
+        fused = f", epilogue={self._epilogue_text}" if self.epilogue else ""
+        return f"{self.in_features}→{self.out_features}, {kind}, packed{fused}"
 
 
 class PackedBinaryConv(_Packed):
@@ -388,16 +371,12 @@ def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     return BinaryConv.from_original(module, **kwargs)
 
 
-def _open_unit(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"expected a number between 0 and 1 (exclusive), got {value!r}")
-    return float(value)
-
-
-def _bits(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-        raise ValueError(f"expected an integer from 1 to 8, got {value!r}")
-    return value
+def _on_grid(layer: nn.Module) -> None:
+    """Set a layer's weights to α·sign(w) per output channel, where binarization is exact."""
+    with torch.no_grad():
+        w = layer.weight
+        alpha = w.flatten(1).abs().mean(1).view(-1, *[1] * (w.dim() - 1))
+        w.copy_(alpha * torch.where(w >= 0, 1.0, -1.0))
 
 
 SPEC = register(SubstituteSpec(
@@ -405,13 +384,16 @@ SPEC = register(SubstituteSpec(
     summary="W ≈ α·sign(W) per output channel (or ternary), saved 1 bit per weight (Lin et al. 1510.03009)",
     ops=("linear", "conv1d", "conv2d"),
     params=(
-        Param("mode", "binary (±α) or ternary (−α, 0, +α)", "binary", one_of(MODES)),
+        Param("mode", "binary (±α) or ternary (−α, 0, +α)", one_of(MODES)),
         Param("threshold", "ternary only: weights with |w| ≤ threshold·mean|w| of their channel become 0",
-              0.7, _open_unit),
+              number_in(0.0, 1.0)),
         Param("stochastic", "training: binarize stochastically (p(+1) = hard_sigmoid(w)); eval is always "
-              "deterministic", False, boolean),
+              "deterministic", boolean),
         Param("backprop_bits", "training: exponent bits of the power-of-two quantized layer input in the weight "
-              "gradient (null: exact)", None, optional(_bits)),
+              "gradient (null: exact)", optional(int_in(1, 8))),
     ),
     build=_build,
+    defaults=BinaryLinear.from_original,
+    representable=_on_grid,
+    saves_flops=False,
 ))

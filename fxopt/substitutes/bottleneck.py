@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import Decline, Param, SubstituteSpec, conv_class, conv_guard, float_above, optional, positive_int, register
+from . import (Decline, Param, Substitute, SubstituteSpec, conv_class, conv_guard, float_above, non_negative_int, number_in,
+               optional, register)
 
 
 def tucker2(weight: torch.Tensor, r_out: int, r_in: int, sweeps: int = 5):
@@ -48,7 +49,7 @@ def tucker2(weight: torch.Tensor, r_out: int, r_in: int, sweeps: int = 5):
     return core, u_out, u_in, error
 
 
-class BottleneckConv(nn.Module):
+class BottleneckConv(Substitute):
     """reduce (1×1) → core (k×k) → expand (1×1, bias)."""
 
     def __init__(self, reduce: nn.Module, core: nn.Module, expand: nn.Module, error: float = 0.0):
@@ -115,26 +116,17 @@ def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
                                         max_flops_ratio=params["max_flops_ratio"])
 
 
-def _reduction(value: Any) -> float:
-    if value == 1:  # no reduction: the exact Tucker-2 form (useful as a check)
-        return 1.0
-    return float_above(1.0)(value)
-
-
-def _sweeps(value: Any) -> int:
-    if value == 0:
-        return 0
-    return positive_int(value)
-
-
 SPEC = register(SubstituteSpec(
     name="bottleneck",
     summary="1×1 reduce → k×k → 1×1 expand, Tucker-2 (HOSVD + HOOI) init (Zeng & Tian 2017)",
     ops=("conv1d", "conv2d"),
     params=(
-        Param("reduction", "channel reduction (≥ 1): inner widths are ⌈channels / reduction⌉", 4.0, _reduction),
-        Param("sweeps", "HOOI refinement sweeps after the HOSVD start (0: plain HOSVD)", 5, _sweeps),
-        Param("max_flops_ratio", "FLOPs budget against the dense layer (null: none)", 0.5, optional(float_above(0.0))),
+        Param("reduction", "channel reduction (≥ 1): inner widths are ⌈channels / reduction⌉",
+              number_in(1.0, low_open=False)),
+        Param("sweeps", "HOOI refinement sweeps after the HOSVD start (0: plain HOSVD)", non_negative_int),
+        Param("max_flops_ratio", "FLOPs budget against the dense layer (null: none)", optional(float_above(0.0))),
     ),
     build=_build,
+    defaults=BottleneckConv.from_original,
+    exact=lambda conv: {"reduction": 1.0, "max_flops_ratio": None},
 ))

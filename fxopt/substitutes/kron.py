@@ -23,7 +23,6 @@ convolution applied to each of the I1 channel groups, followed by a channel mixi
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Mapping
 
@@ -31,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxopt.codegen import epilogue as ep
 from fxopt.codegen.kron import kron_linear, kron_linear_reference
-from fxopt.codegen.registry import wants_triton
+from fxopt.codegen.registry import pick
 
-from . import Decline, Param, SubstituteSpec, conv_guard, float_above, optional, positive_int, register
+from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, conv_guard, float_above, optional, positive_int, register
 
 
 def _balanced(n: int) -> tuple[int, int]:
@@ -111,7 +109,7 @@ def _resolve_rank(rank: Any, compression: float | None, max_flops_ratio: float |
     return r
 
 
-class _Kron(nn.Module):
+class _Kron(Substitute):
     """Shared construction for the Kronecker layers: factors, rank, reconstruction error."""
 
     def _setup(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, error: float):
@@ -137,7 +135,7 @@ class _Kron(nn.Module):
         return w.reshape(m1 * m2, n1 * n2, *kernel)
 
 
-class KronLinear(_Kron):
+class KronLinear(FusedEpilogue, _Kron):
     """y = x·Wᵀ + b with W = Σ_r A_r ⊗ B_r, computed as two small GEMMs.
 
     `epilogue` (set by the `fuse` pass; empty by default) is a chain of pointwise steps that the
@@ -148,28 +146,8 @@ class KronLinear(_Kron):
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, error: float = 0.0):
         super().__init__()
         self._setup(a, b, bias, error)
-        self.epilogue = ()
         m1, m2, n1, n2 = self.factors
         self.in_features, self.out_features = n1 * n2, m1 * m2
-
-    @property
-    def epilogue(self) -> ep.Steps:
-        return self._epilogue
-
-    def epilogue_capacity(self, steps: ep.Steps) -> int:
-        """How many leading `steps` the fuse pass may fold into this layer: all of them."""
-        return len(steps)
-
-    def with_epilogue(self, steps: ep.Steps) -> "KronLinear":
-        """A copy (sharing the parameters) that also applies `steps` to its output."""
-        fused = copy.copy(self)
-        fused.epilogue = self.epilogue + tuple(steps)
-        return fused
-
-    @epilogue.setter
-    def epilogue(self, steps) -> None:
-        self._epilogue = ep.check(steps)
-        self._epilogue_text = ep.encode(self._epilogue)  # the op's argument, encoded once (Dynamo can't trace json)
 
     @classmethod
     def from_original(cls, linear: nn.Linear, rank: int | str | None = None, compression: float | None = 32.0,
@@ -184,8 +162,12 @@ class KronLinear(_Kron):
         # Y = Σ_r A_r·X·B_rᵀ with X the row reshaped to n1 × n2. Where the registry wants Triton
         # (CUDA tensors) one fused kernel through the op; elsewhere the two GEMMs in plain torch,
         # which Inductor and torch.export see through (the op's dispatch alone costs ~20 µs on CPU)
-        if wants_triton(x):
-            return kron_linear(x, self.A, self.B, self.bias, list(extras), self._epilogue_text)
+        return pick(x, self._kernel, self._reference)(x, *extras)
+
+    def _kernel(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        return kron_linear(x, self.A, self.B, self.bias, list(extras), self._epilogue_text)
+
+    def _reference(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         return kron_linear_reference(x, self.A, self.B, self.bias, list(extras), self.epilogue)
 
     def flops(self, input_shape: torch.Size, output_shape: torch.Size | None = None) -> int:
@@ -308,13 +290,15 @@ SPEC = register(SubstituteSpec(
     summary="W ≈ Σ_r A_r ⊗ B_r (Zhou et al. 1512.09194), nearest Kronecker sum by SVD",
     ops=("linear", "conv1d", "conv2d"),
     params=(
-        Param("rank", "number of Kronecker terms R, or 'full' (exact); overrides compression", None, _parse_rank),
+        Param("rank", "number of Kronecker terms R, or 'full' (exact); overrides compression", _parse_rank),
         Param("compression", "parameter budget: at least this many times fewer weights; R is the largest "
-              "rank within both budgets", 32.0, float_above(1.0)),
+              "rank within both budgets", float_above(1.0)),
         Param("max_flops_ratio", "FLOPs budget: at most this times the dense layer's FLOPs (null: none); "
-              "an explicit rank over it is declined", 1.0, optional(float_above(0.0))),
-        Param("factors", "'auto' (most balanced) or {out: [m1, m2], in: [n1, n2]}", "auto", _parse_factors),
+              "an explicit rank over it is declined", optional(float_above(0.0)), default=1.0),
+        Param("factors", "'auto' (most balanced) or {out: [m1, m2], in: [n1, n2]}", _parse_factors),
     ),
     build=_build,
+    defaults=KronLinear.from_original,
     check=_check,
+    exact=lambda layer: {"rank": "full", "max_flops_ratio": None},
 ))

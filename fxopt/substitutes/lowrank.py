@@ -20,10 +20,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import Decline, Param, SubstituteSpec, float_above, optional, positive_int, register
+from . import Decline, Param, Substitute, SubstituteSpec, float_above, optional, positive_int, register
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(Substitute):
     """y = up(down(x)): n → r → m, bias on `up` (the original layer's, copied)."""
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, error: float = 0.0):
@@ -126,9 +126,11 @@ SPEC = register(SubstituteSpec(
     summary="W ≈ U_r·S_r·V_rᵀ: two thin linears from a truncated SVD (Eckart–Young optimal)",
     ops=("linear",),
     params=(
-        Param("rank", "inner dimension r (null: the largest within max_flops_ratio)", None, optional(positive_int)),
+        Param("rank", "inner dimension r (null: the largest within max_flops_ratio)", optional(positive_int)),
         Param("max_flops_ratio", "FLOPs budget: r·(in + out) ≤ this × in·out (null: none); an explicit rank "
-              "over it is declined", 0.5, optional(float_above(0.0))),
+              "over it is declined", optional(float_above(0.0))),
     ),
     build=_build,
+    defaults=LowRankLinear.from_original,
+    exact=lambda layer: {"rank": None, "max_flops_ratio": None},
 ))

@@ -24,10 +24,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import Decline, Param, SubstituteSpec, conv_class, conv_guard, float_above, optional, positive_int, register
+from . import Decline, Param, Substitute, SubstituteSpec, conv_class, conv_guard, float_above, optional, positive_int, register
 
 
-class SeparableConv(nn.Module):
+class SeparableConv(Substitute):
     """depthwise (k×k, groups=in_channels, the original stride/padding/dilation) → pointwise (1×1, bias)."""
 
     def __init__(self, depthwise: nn.Module, pointwise: nn.Module, error: float = 0.0):
@@ -106,9 +106,10 @@ SPEC = register(SubstituteSpec(
     summary="depthwise k×k + pointwise 1×1, per-channel SVD init (Zeng & Tian 2017)",
     ops=("conv1d", "conv2d"),
     params=(
-        Param("multiplier", "depthwise filters per input channel (μ); exact at μ ≥ min(out, k)", 1, positive_int),
-        Param("max_flops_ratio", "FLOPs budget: μ·(k + out)/(out·k) ≤ this (null: none)", 0.5,
-              optional(float_above(0.0))),
+        Param("multiplier", "depthwise filters per input channel (μ); exact at μ ≥ min(out, k)", positive_int),
+        Param("max_flops_ratio", "FLOPs budget: μ·(k + out)/(out·k) ≤ this (null: none)", optional(float_above(0.0))),
     ),
     build=_build,
+    defaults=SeparableConv.from_original,
+    exact=lambda conv: {"multiplier": min(conv.out_channels, math.prod(conv.kernel_size)), "max_flops_ratio": None},
 ))

@@ -45,13 +45,14 @@ from torch import nn
 from fxopt.codegen.wta_hash import band_tables, dense_fallback, gathered_linear, uses_tables, wta_select
 from fxopt.wta import WTAHash, band_shape, hash_rows
 
-from . import Decline, Param, SubstituteSpec, non_negative_int, optional, positive_int, register
+from . import (Decline, Param, Substitute, SubstituteSpec, int_in, non_negative_int, number_in, one_of, optional,
+               positive_int, register)
 
 
 INDEXES = ("weights", "inputs")
 
 
-class WTAHashedLinear(nn.Module):
+class WTAHashedLinear(Substitute):
     """A linear layer that computes only the outputs whose WTA hash bands collide with the input's."""
 
     validated_by = "recall"  # fxopt.validate: recall of the dense top-k, not SQNR (the rest is `fill`)
@@ -107,7 +108,7 @@ class WTAHashedLinear(nn.Module):
 
     def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
         """c·D multiply-adds per input for the candidates (hashing and the lookup are compares and
-        reads, not counted, as DESIGN's FLOPs count only matmuls)."""
+        reads, not counted: fxopt's FLOPs count only matmuls)."""
         inputs = math.prod(input_shape[:-1])
         return 2 * inputs * min(self.candidates, self.out_features) * self.in_features
 
@@ -259,27 +260,9 @@ def _fill(value: Any) -> float:
     return float(value)
 
 
-def _index(value: Any) -> str:
-    if value not in INDEXES:
-        raise ValueError(f"expected one of {', '.join(INDEXES)}, got {value!r}")
-    return value
-
-
-def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"expected a rate in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _window(value: Any) -> int:
-    value = positive_int(value)
-    if value < 2:
-        raise ValueError(f"expected a WTA window of at least 2, got {value}")
-    return value
-
-
 def _check(given: Mapping[str, Any]) -> None:
-    band_shape(given.get("k", 8), given.get("num_hashes", 128), given.get("bands", 32))
+    p = {param.name: param.default for param in SPEC.params} | dict(given)
+    band_shape(p["k"], p["num_hashes"], p["bands"])
 
 
 def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
@@ -293,23 +276,26 @@ def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     return WTAHashedLinear.from_original(module, **params)
 
 
-register(SubstituteSpec(
+SPEC = register(SubstituteSpec(
     name="wta_hash",
     summary="WTA-hashed output layer: only the rows whose hash bands collide with the input are computed",
     ops=("linear",),
     params=(
-        Param("k", "WTA window: each code is the argmax of k permuted coordinates", 8, _window),
-        Param("num_hashes", "WTA codes per vector (L)", 128, positive_int),
-        Param("bands", "LSH bands; each band is num_hashes/bands codes, k^(num_hashes/bands) buckets", 32, positive_int),
-        Param("candidates", "rows computed per input: those sharing the most bands", 128, positive_int),
-        Param("bucket_cap", "rows read from one bucket at most (null: all)", 256, optional(positive_int)),
-        Param("rebuild_every", "training steps between table rebuilds", 50, positive_int),
-        Param("fill", "value of the outputs not computed (-inf for softmax/argmax)", -math.inf, _fill),
-        Param("seed", "seed of the hash permutations", 0, non_negative_int),
+        Param("k", "WTA window: each code is the argmax of k permuted coordinates", int_in(2)),
+        Param("num_hashes", "WTA codes per vector (L)", positive_int),
+        Param("bands", "LSH bands; each band is num_hashes/bands codes, k^(num_hashes/bands) buckets", positive_int),
+        Param("candidates", "rows computed per input: those sharing the most bands", positive_int),
+        Param("bucket_cap", "rows read from one bucket at most (null: all)", optional(positive_int)),
+        Param("rebuild_every", "training steps between table rebuilds", positive_int),
+        Param("fill", "value of the outputs not computed (-inf for softmax/argmax)", _fill),
+        Param("seed", "seed of the hash permutations", non_negative_int),
         Param("index", "what the tables hash per class: its weight row (weights) or, once training has shown "
-              "it labelled inputs, their running mean (inputs)", "weights", _index),
-        Param("index_rate", "index=inputs: smallest rate at which a class's mean follows its inputs", 1 / 64, _rate),
+              "it labelled inputs, their running mean (inputs)", one_of(INDEXES)),
+        Param("index_rate", "index=inputs: smallest rate at which a class's mean follows its inputs",
+              number_in(0.0, 1.0, high_open=False)),
     ),
     build=_build,
+    defaults=WTAHashedLinear.__init__,
+    exact=None,  # computing every output saves nothing, and build declines it: no exact setting
     check=_check,
 ))
