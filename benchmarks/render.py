@@ -48,8 +48,8 @@ def examples(r: dict) -> list[str]:
         "`fxopt bench` on each example: the original model against the rewritten one (the program",
         "`fxopt.load` returns), each eager and under `torch.compile`. Speed-ups: **best against best**",
         "(the faster of eager and compiled on each side) · eager against eager · compiled",
-        "against compiled. The error columns say what the speed costs (see the README: the examples",
-        "have random weights, the worst case for a Kronecker approximation).", "",
+        "against compiled. The error columns say what the speed costs (the examples have random weights,",
+        "the worst case for a Kronecker approximation: docs/experiments/kron_examples.md).", "",
     ]
     return lines + _example_rows(r, "examples_cpu.json")
 
@@ -250,8 +250,10 @@ def minilm_recover(r: dict) -> list[str]:
     rows = r["rows"]
     first = rows[0]
     lines = ["## A pretrained transformer, recovered (all-MiniLM-L6-v2)", "",
-             f"{r['model']}: {first['model_params_before']:,} parameters (11.7 M of them in the token embeddings, "
-             "which no rule rewrites). Held-out: the cosine between each of "
+             f"{r['model']}: {first['model_params_before']:,} parameters, "
+             f"{(first['model_params_before'] - max(row['site_params_before'] for row in rows)) / 1e6:.1f} M of them "
+             "outside every rewritten linear layer (embeddings, layer norms, the pooler). Held-out: the cosine "
+             "between each of "
              f"{first['heldout_sentences']:,} sentences' embeddings from the saved program and from the original "
              f"(sentences the calibration never saw; batches of {r['batch']} × {r['seq']} tokens). Layer-wise lr "
              f"{r['layerwise_lr']:g}, distillation lr {r['distill_lr']:g} with per-layer targets at weight "
