@@ -94,7 +94,7 @@ def optimize(
     result = run(spec.model, spec.example_inputs, ruleset, calibration=calibration, source=str(model),
                  layerwise=layerwise, time_sites=time_sites)
     result.save(out)
-    print_summary(result.report, console)
+    print_summary(result.report, console, stages=verbose)
     console.print(f"wrote {out}/model.pt2, report.json, report.md, report.html")
     totals, e2e = result.report["totals"], result.report["end_to_end"]
     if strict and (totals["rolled_back"] or e2e["violations"]):

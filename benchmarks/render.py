@@ -42,6 +42,44 @@ def kron_linear(r: dict) -> list[str]:
     return lines + ["", "Raw numbers: `benchmarks/results/kron_linear_cpu.json`.", ""]
 
 
+def kron_linear_large(r: dict) -> list[str]:
+    lines = ["## `KronLinear` at language-model sizes (CPU)", "", machine(r), "",
+             "4096×4096 with 64×64 factors and 4096 → 11008 with automatic factors, built with `max_flops_ratio: null`",
+             "at ranks 1 and 4; forward, and a training step (forward + backward into every parameter and the",
+             "input). Speed-ups against `nn.Linear`: **best against best** (the faster of eager and compiled on",
+             "each side) · eager against eager · compiled against compiled; in brackets the FLOP ratio (at small",
+             "batches the dense layer is bound by reading its weights, so the speed-up can exceed it).", "",
+             "| in × out | mode | batch | dense µs (eager / compiled) | rank 1: best · eager · compiled (FLOP ratio) "
+             "| rank 4: best · eager · compiled (FLOP ratio) |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        cells = []
+        for name in ("r1", "r4"):
+            st = row["settings"][name]
+            cells.append(f"**{st['speedup_best_vs_best_dense']}×** · {st['speedup_eager_vs_dense']}× · "
+                         f"{st['speedup_compiled_vs_dense_compiled']}× ({st['flops_ratio']}×)")
+        lines.append(f"| {row['in']}×{row['out']} | {row['mode']} | {row['batch']} | {row['us']['dense']:,.0f} / "
+                     f"{row['us']['dense+compile']:,.0f} | " + " | ".join(cells) + " |")
+    return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
+
+
+def kron_build(r: dict) -> list[str]:
+    alex = r["alexnet"]
+    applied = [s for s in alex["sites"] if s["status"] in ("applied", "rolled_back")]
+    lines = ["## Build time of the SVD-based substitutes (CPU)", "", machine(r), "",
+             f"AlexNet's architecture (random weights) through `fxopt optimize` with `rules/kron.yaml`: the build "
+             f"stage took **{alex['stages']['build']:.2f} s** for {len(applied)} layers (the 9216 → 4096 layer "
+             f"{max(s['build_seconds'] for s in applied):.2f} s); the whole run's stages: "
+             + ", ".join(f"{k} {v:.2f} s" for k, v in alex["stages"].items()) + ".", "",
+             "Single layers of a Llama-style MLP at the shipped defaults:", "",
+             "| technique | in → out | rank kept | seconds | reconstruction error |", "|---|---|---|---|---|"]
+    for row in r["layers"]:
+        lines.append(f"| `{row['technique']}` | {row['in']} → {row['out']} | {row['rank']} | {row['seconds']:.2f} "
+                     f"| {row['reconstruction_error']:.3f} |")
+    return lines + ["", "`kron` keeps far fewer terms than the rearranged matrix's side, so it takes the randomized "
+                    "truncated SVD; `lowrank`'s default keeps 36% of the spectrum, which takes the full SVD.",
+                    "", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
+
+
 def examples(r: dict) -> list[str]:
     lines = [
         "## Whole examples with `rules/kron.yaml` (CPU)", "", machine(r), "",
@@ -278,7 +316,8 @@ def main() -> None:
            "edit by hand. Every ratio compares variants measured side by side in one process, on the",
            "machine named with it. No GPU figures yet: no GPU was available to run the kernels. Timings under the Triton",
            "interpreter are never quoted.", ""]
-    files = [("kron_linear_cpu.json", kron_linear), ("examples_cpu.json", examples),
+    files = [("kron_linear_cpu.json", kron_linear), ("kron_linear_large_cpu.json", kron_linear_large),
+             ("kron_build_cpu.json", kron_build), ("examples_cpu.json", examples),
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
     files += [("binary_digits_cpu.json", binary_digits)]

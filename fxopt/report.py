@@ -224,10 +224,13 @@ def _slower_lines(totals: dict[str, Any]) -> list[str]:
 STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "gated": "yellow", "skipped": "dim", "unused": "dim"}
 
 
-def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
+def print_summary(report: dict[str, Any], console: Console | None = None, stages: bool = False) -> None:
     """A short terminal summary: one row per site, the notes of sites left unchanged, then the
-    end-to-end line."""
+    end-to-end line; with `stages`, each stage's time first."""
     console = console or Console()
+    if stages:
+        console.print("stages: " + " · ".join(f"{s['name']} {s['seconds']:.2f} s" for s in report["stages"]),
+                      markup=False, highlight=False)
     table = Table(title=f"fxopt · {report['model']} · {report['rules']}", title_justify="left")
     for col in ("site", "substitute: status", "params", "sqnr dB", "speed-up"):
         table.add_column(col, no_wrap=col != "site", overflow="fold")

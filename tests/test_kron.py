@@ -297,3 +297,97 @@ def test_kernel_real_sizes_on_gpu(rows, dtype):
         out = kron_linear(x, a, b, bias, extras, ep.encode(chain))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+# --- the CPU path: row chunks when the intermediate would leave the cache ---------------------------
+
+from fxopt.codegen import kron as kron_codegen  # noqa: E402
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 37, 64])  # chunks of 8 rows: one pass, tails, exact multiples
+@pytest.mark.parametrize("chain", [[], [["gelu"], ["add", 0]]], ids=["plain", "epilogue"])
+def test_cpu_path_in_chunks_matches_the_reference(monkeypatch, rows, chain):
+    a, b, bias = _factors(3, 4, 5, 6, 7, seed=rows, device="cpu")
+    per_row = 3 * 4 * 7  # R·m1·n2
+    monkeypatch.setattr(kron_codegen, "CHUNK_ABOVE", 16 * per_row)
+    monkeypatch.setattr(kron_codegen, "CHUNK_TARGET", 8 * per_row)
+    x = torch.randn(rows, 42, requires_grad=True)
+    extras = [torch.randn(rows, 20)][:ep.extras_used(ep.check(chain))]
+    assert kron_codegen.row_chunk(rows, per_row) == (None if rows <= 16 else 8)
+    out = kron_codegen.kron_linear_torch(x, a, b, bias, extras, ep.check(chain))
+    ref = kron_linear_reference(x, a, b, bias, extras, ep.check(chain))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_large_calls_are_chunked_at_the_shipped_thresholds():
+    # 4096×4096 with 64×64 factors at rank 4: 16,384 floats of intermediate per row
+    assert kron_codegen.row_chunk(256, 4 * 64 * 64) is None
+    assert kron_codegen.row_chunk(1024, 4 * 64 * 64) == 128
+
+
+# --- mixed factor shapes (Zhou et al. §3.3) -------------------------------------------------------
+
+from fxopt import rules as rules_mod  # noqa: E402
+from fxopt.errors import RuleError  # noqa: E402
+from fxopt.substitutes.kron import MixedKronLinear  # noqa: E402
+
+MIX = ({"out": (4, 6), "in": (6, 4), "rank": 1}, {"out": (6, 4), "in": (3, 8), "rank": 1})
+
+
+def _two_shape_weight(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    first = torch.kron(torch.randn(4, 6, generator=g), torch.randn(6, 4, generator=g))
+    second = torch.kron(torch.randn(6, 3, generator=g), torch.randn(4, 8, generator=g))
+    return first + second  # 24 × 24, a sum of products of two different shapes
+
+
+def test_a_mixture_recovers_a_weight_one_shape_cannot():
+    linear = nn.Linear(24, 24)
+    with torch.no_grad():
+        linear.weight.copy_(_two_shape_weight())
+    mixed = MixedKronLinear.from_original(linear, MIX)
+    assert mixed.reconstruction_error < 1e-5
+    torch.testing.assert_close(mixed.dense_weight(), linear.weight, rtol=1e-4, atol=1e-4)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(mixed(x), linear(x), rtol=1e-4, atol=1e-4)
+    for shape in MIX:  # either shape alone, even at twice the rank, leaves an error
+        alone = KronLinear.from_original(linear, rank=2, factors={"out": shape["out"], "in": shape["in"]})
+        assert alone.reconstruction_error > 0.05
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), r1=st.integers(1, 3), r2=st.integers(1, 3))
+def test_a_mixture_never_has_a_larger_error_than_its_first_shape_alone(seed, r1, r2):
+    torch.manual_seed(seed)
+    linear = nn.Linear(24, 24)
+    groups = ({**MIX[0], "rank": r1}, {**MIX[1], "rank": r2})
+    mixed = MixedKronLinear.from_original(linear, groups)
+    first = KronLinear.from_original(linear, rank=r1, factors={"out": MIX[0]["out"], "in": MIX[0]["in"]})
+    assert mixed.reconstruction_error <= first.reconstruction_error + 1e-9
+    w = linear.weight.detach().double()
+    actual = ((w - mixed.dense_weight().double()).norm() / w.norm()).item()
+    assert mixed.reconstruction_error == pytest.approx(actual, abs=1e-6)
+    assert mixed.flops(torch.Size([3, 24])) == sum(g.flops(torch.Size([3, 24])) for g in mixed.groups)
+
+
+def test_mixed_shapes_through_a_rule_file_and_its_errors():
+    text = ("version: 1\nrules:\n  - substitute: kron\n    params:\n      max_flops_ratio: null\n      factors:\n"
+            "        - {out: [4, 6], in: [6, 4], rank: 1}\n        - {out: [6, 4], in: [3, 8], rank: 1}\n")
+    ruleset = rules_mod.parse(text, "mix.yaml")
+    linear = nn.Linear(24, 24)
+    with torch.no_grad():
+        linear.weight.copy_(_two_shape_weight(1))
+    sub = get("kron").build(linear, ruleset.rules[0].param_dict)
+    assert isinstance(sub, MixedKronLinear) and sub.reconstruction_error < 1e-5
+    with pytest.raises(RuleError, match=r"mix.yaml:7:9: params.factors: factors\[0\]: each shape of a mixture needs its rank"):
+        rules_mod.parse(text.replace(", rank: 1}\n        - {out: [6, 4]", "}\n        - {out: [6, 4]"), "mix.yaml")
+    with pytest.raises(RuleError, match="each shape carries its own rank"):
+        rules_mod.parse(text.replace("max_flops_ratio: null", "rank: 2"), "mix.yaml")
+    with pytest.raises(Decline, match="do not fit a 24×24 weight"):
+        get("kron").build(nn.Linear(24, 24), {**ruleset.rules[0].param_dict,
+                                              "factors": ({"out": (5, 5), "in": (6, 4), "rank": 1},)})
+    with pytest.raises(Decline, match="linear layers only"):
+        get("kron").build(nn.Conv2d(8, 8, 3), ruleset.rules[0].param_dict)

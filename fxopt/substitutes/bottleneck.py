@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from fxopt.linalg import top_singular
+
 from . import (Decline, Param, Substitute, SubstituteSpec, conv_class, conv_guard, float_above, non_negative_int, number_in,
                optional, register)
 
@@ -34,8 +36,8 @@ def tucker2(weight: torch.Tensor, r_out: int, r_in: int, sweeps: int = 5):
     w = weight.detach().double().reshape(weight.shape[0], weight.shape[1], -1)
     o, i, k = w.shape
 
-    def leading(mat: torch.Tensor, r: int) -> torch.Tensor:
-        return torch.linalg.svd(mat, full_matrices=False)[0][:, :r]
+    def leading(mat: torch.Tensor, r: int) -> torch.Tensor:  # only the r vectors kept (fxopt.linalg)
+        return top_singular(mat, r)[0]
 
     u_in = leading(w.permute(1, 0, 2).reshape(i, o * k), r_in)  # HOSVD start
     u_out = leading(w.reshape(o, i * k), r_out)

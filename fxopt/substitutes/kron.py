@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxopt.codegen.kron import kron_linear, kron_linear_reference
+from fxopt.codegen.kron import kron_linear, kron_linear_torch
 from fxopt.codegen.registry import pick
+from fxopt.linalg import top_singular
 
 from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, conv_guard, float_above, optional, positive_int, register
 
@@ -64,18 +65,16 @@ def nearest_kronecker_sum(weight: torch.Tensor, m1: int, m2: int, n1: int, n2: i
     """Best rank-`rank` Kronecker sum of `weight` (m1·m2 × n1·n2 × *kernel) in Frobenius norm.
 
     Returns A (rank, m1, n1), B (rank, m2, n2, *kernel) and the relative Frobenius error
-    ‖W − Σ A_r ⊗ B_r‖ / ‖W‖, read off the discarded singular values (no W is rebuilt).
+    ‖W − Σ A_r ⊗ B_r‖ / ‖W‖, exact (fxopt.linalg.top_singular; no W is rebuilt).
     """
     kernel = tuple(weight.shape[2:])
     k = math.prod(kernel)
     # rearrangement R̃[(i1, j1), (i2, j2, k)] = W[i1·m2 + i2, j1·n2 + j2, k]
     w = weight.detach().double().reshape(m1, m2, n1, n2, k).permute(0, 2, 1, 3, 4)
-    u, s, vh = torch.linalg.svd(w.reshape(m1 * n1, m2 * n2 * k), full_matrices=False)
-    root = s[:rank].sqrt()
-    a = (u[:, :rank] * root).T.reshape(rank, m1, n1)
-    b = (vh[:rank].T * root).T.reshape(rank, m2, n2, *kernel)
-    total = s.square().sum()
-    error = (s[rank:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+    u, s, vh, error = top_singular(w.reshape(m1 * n1, m2 * n2 * k), rank)  # only the kept terms
+    root = s.sqrt()
+    a = (u * root).T.reshape(rank, m1, n1)
+    b = (vh.T * root).T.reshape(rank, m2, n2, *kernel)
     return a.to(weight.dtype), b.to(weight.dtype), error
 
 
@@ -168,7 +167,7 @@ class KronLinear(FusedEpilogue, _Kron):
         return kron_linear(x, self.A, self.B, self.bias, list(extras), self._epilogue_text)
 
     def _reference(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
-        return kron_linear_reference(x, self.A, self.B, self.bias, list(extras), self.epilogue)
+        return kron_linear_torch(x, self.A, self.B, self.bias, list(extras), self.epilogue)
 
     def flops(self, input_shape: torch.Size, output_shape: torch.Size | None = None) -> int:
         r, (m1, m2, n1, n2) = self.rank, self.factors
@@ -246,6 +245,69 @@ class KronConv2d(KronConv):
     pass
 
 
+class MixedKronLinear(Substitute):
+    """y = x·Wᵀ + b with W = Σ_g Σ_r A_gr ⊗ B_gr: Kronecker sums of *different* factor shapes
+    (Zhou et al. §3.3: mixing shapes raises capacity at the same parameter count). Each group is a
+    `KronLinear` without bias (so it runs as the fused kernel on a GPU); their outputs are summed.
+
+    `from_original` fits the groups one after the other, each the nearest Kronecker sum of its
+    shape to what the previous ones left (W, then W − group 1, …), so the mixture's error is never
+    above its first shape's alone; then `sweeps` rounds of refitting each group to what all the
+    others leave (block coordinate descent: the error never grows), which recovers a weight that is
+    a sum of products of the given shapes, where the greedy pass alone does not."""
+
+    def __init__(self, groups: list[KronLinear], bias: torch.Tensor | None, error: float):
+        super().__init__()
+        self.groups = nn.ModuleList(groups)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.in_features, self.out_features = groups[0].in_features, groups[0].out_features
+        self.reconstruction_error = error
+
+    @classmethod
+    def from_original(cls, linear: nn.Linear, factors: Any, max_flops_ratio: float | None = None,
+                      sweeps: int = 30) -> "MixedKronLinear":
+        m, n = linear.weight.shape
+        w = linear.weight.detach().double()
+        shapes = [(*_factors(g, m, n), g["rank"]) for g in factors]
+        per_row = sum(macs_ratio(m1, m2, n1, n2, min(r, m1 * n1, m2 * n2)) for m1, m2, n1, n2, r in shapes)
+        if max_flops_ratio is not None and per_row > max_flops_ratio + 1e-9:
+            raise Decline(f"the mixture costs {per_row:.2f}× the dense FLOPs (max_flops_ratio {max_flops_ratio:g})")
+        fits = [torch.zeros_like(w) for _ in shapes]
+        terms: list = [None] * len(shapes)
+        norm, last = w.norm(), math.inf
+        for sweep in range(max(1, sweeps)):
+            # sweep 0 fits each group to what the previous ones left; later sweeps refit each group
+            # to what all the others leave (each step optimal given the others: the error never grows)
+            for g, (m1, m2, n1, n2, r) in enumerate(shapes):
+                rest = w - sum(f for h, f in enumerate(fits) if h != g)
+                a, b, _ = nearest_kronecker_sum(rest, m1, m2, n1, n2, min(r, m1 * n1, m2 * n2))
+                terms[g] = (a, b)
+                fits[g] = torch.einsum("rij,rkl->ikjl", a, b).reshape(m, n)
+            error = ((w - sum(fits)).norm() / norm).item() if norm > 0 else 0.0
+            if last - error <= 1e-12 * max(error, 1.0):
+                break
+            last = error
+        dtype = linear.weight.dtype
+        groups = [KronLinear(a.to(dtype), b.to(dtype)) for a, b in terms]
+        return cls(groups, linear.bias, error)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.groups[0](x)
+        for group in self.groups[1:]:
+            y = y + group(x)
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        return sum(g.dense_weight() for g in self.groups)
+
+    def flops(self, input_shape: torch.Size, output_shape: torch.Size | None = None) -> int:
+        return sum(g.flops(input_shape) for g in self.groups)
+
+    def extra_repr(self) -> str:
+        shapes = " + ".join(f"{g.rank}×({g.factors[0]}×{g.factors[2]} ⊗ {g.factors[1]}×{g.factors[3]})" for g in self.groups)
+        return f"{self.in_features}→{self.out_features}, {shapes}"
+
+
 def _factors(factors: Any, m: int, n: int, k: int = 0) -> tuple[int, int, int, int]:
     if factors == "auto":
         return choose_factors(m, n, k)
@@ -264,19 +326,44 @@ def _parse_rank(value: Any) -> int | str:
 def _parse_factors(value: Any) -> Any:
     if value == "auto":
         return value
-    if isinstance(value, dict) and set(value) == {"out", "in"}:
-        pairs = {k: v for k, v in value.items()}
+    if isinstance(value, list) and value:  # mixed shapes: one group per entry, each with its rank
+        return tuple(_parse_group(entry, i) for i, entry in enumerate(value))
+    shape = _parse_shape(value, ("out", "in"))
+    if shape is not None:
+        return shape
+    raise ValueError(f"expected 'auto', {{out: [m1, m2], in: [n1, n2]}} or a list of "
+                     f"{{out: [m1, m2], in: [n1, n2], rank: R}}, got {value!r}")
+
+
+def _parse_shape(value: Any, keys: tuple[str, ...]) -> dict | None:
+    if isinstance(value, dict) and set(value) == set(keys):
+        pairs = {k: value[k] for k in ("out", "in")}
         if all(isinstance(v, list) and len(v) == 2 for v in pairs.values()):
             return {k: tuple(positive_int(x) for x in v) for k, v in pairs.items()}
-    raise ValueError(f"expected 'auto' or {{out: [m1, m2], in: [n1, n2]}}, got {value!r}")
+    return None
+
+
+def _parse_group(entry: Any, i: int) -> dict:
+    if isinstance(entry, dict) and set(entry) == {"out", "in"}:
+        raise ValueError(f"factors[{i}]: each shape of a mixture needs its rank ({{out: …, in: …, rank: R}})")
+    shape = _parse_shape(entry, ("out", "in", "rank"))
+    if shape is None:
+        raise ValueError(f"factors[{i}]: expected {{out: [m1, m2], in: [n1, n2], rank: R}}, got {entry!r}")
+    return shape | {"rank": positive_int(entry["rank"])}
 
 
 def _check(given: Mapping[str, Any]) -> None:
     if "rank" in given and "compression" in given:
         raise ValueError("give either 'rank' or 'compression', not both")
+    if isinstance(given.get("factors"), tuple) and ("rank" in given or "compression" in given):
+        raise ValueError("with a list of factor shapes, each shape carries its own rank: drop 'rank'/'compression'")
 
 
 def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
+    if isinstance(params["factors"], tuple):
+        if not isinstance(module, nn.Linear):
+            raise Decline("mixed factor shapes are built for linear layers only")
+        return MixedKronLinear.from_original(module, params["factors"], params["max_flops_ratio"])
     compression = None if params["rank"] is not None else params["compression"]
     kwargs = dict(rank=params["rank"], compression=compression, factors=params["factors"],
                   max_flops_ratio=params["max_flops_ratio"])
@@ -295,7 +382,8 @@ SPEC = register(SubstituteSpec(
               "rank within both budgets", float_above(1.0)),
         Param("max_flops_ratio", "FLOPs budget: at most this times the dense layer's FLOPs (null: none); "
               "an explicit rank over it is declined", optional(float_above(0.0)), default=1.0),
-        Param("factors", "'auto' (most balanced) or {out: [m1, m2], in: [n1, n2]}", _parse_factors),
+        Param("factors", "'auto' (most balanced), {out: [m1, m2], in: [n1, n2]}, or a mixture: a list of "
+              "{out: [m1, m2], in: [n1, n2], rank: R}, fitted one after the other on the residual", _parse_factors),
     ),
     build=_build,
     defaults=KronLinear.from_original,

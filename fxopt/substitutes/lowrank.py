@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from fxopt.linalg import top_singular
+
 from . import Decline, Param, Substitute, SubstituteSpec, float_above, optional, positive_int, register
 
 
@@ -50,12 +52,10 @@ class LowRankLinear(Substitute):
                       max_flops_ratio: float | None = 0.5) -> "LowRankLinear":
         m, n = linear.weight.shape
         r = _resolve_rank(rank, max_flops_ratio, m, n)
-        u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
-        root = s[:r].sqrt()
-        total = s.square().sum()
-        error = (s[r:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+        u, s, vh, error = top_singular(linear.weight.detach().double(), r)  # only the kept r triplets
+        root = s.sqrt()
         dtype = linear.weight.dtype
-        return cls((root[:, None] * vh[:r]).to(dtype), (u[:, :r] * root).to(dtype),
+        return cls((root[:, None] * vh).to(dtype), (u * root).to(dtype),
                    None if linear.bias is None else linear.bias.detach(), error)
 
     @torch.no_grad()
