@@ -45,6 +45,7 @@ bench: $(VENV)/.installed bench-rescale
 	$(BIN)/python benchmarks/kron_linear.py --out benchmarks/results/kron_linear_cpu.json
 	$(BIN)/python benchmarks/kron_linear.py --large --out benchmarks/results/kron_linear_large_cpu.json
 	$(BIN)/python benchmarks/kron_build.py --out benchmarks/results/kron_build_cpu.json
+	$(BIN)/python benchmarks/kron_trained.py --models mlp --seeds 0 1 2 --out benchmarks/results/kron_trained_cpu.json
 	$(BIN)/python benchmarks/examples.py --out benchmarks/results/examples_cpu.json
 	$(BIN)/python benchmarks/examples.py --pairs mlp:lowrank transformer:lowrank cnn:separable cnn:bottleneck \
 		--layerwise-steps 100 --out benchmarks/results/examples_efficient_cpu.json

@@ -80,6 +80,25 @@ def kron_build(r: dict) -> list[str]:
                     "", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 
+def kron_trained(r: dict) -> list[str]:
+    st = r["settings"]
+    lines = ["## `kron` on trained models (CPU)", "", machine(r["run"]), "",
+             f"Models trained here on the generated shapes task ({st['train']:,} training images, {st['epochs']} epochs; "
+             f"{st['test']:,} test images from another seed), rewritten with `kron` at compression "
+             f"{st['compression']:g} per layer (convolutions but the stem; linears but the head), then "
+             f"{st['layerwise_steps']} layer-wise steps per site and {st['distill_steps']} distillation steps "
+             f"(per-layer targets at weight {st['distill_sites']:g}) on {st['calib_batches']} unlabelled batches "
+             f"of 64. Speed: inference at batch {st['batch']}, best against best · eager · compiled.", "",
+             "| model | seed | test accuracy | params | FLOPs | speed-up | compression time |",
+             "|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        acc, sp = x["accuracy"], x["speedup"]
+        lines.append(f"| {x['model']} | {x['seed']} | {acc['original']:.2f}% → {acc['fxopt']:.2f}% ({acc['change']:+.2f}) "
+                     f"| {x['params_ratio']}× fewer | {x['flops_ratio']}× fewer | **{sp['best']:.2f}×** · "
+                     f"{sp['eager']:.2f}× · {sp['compiled']:.2f}× | {x['compress_seconds']:.0f} s |")
+    return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
+
+
 def examples(r: dict) -> list[str]:
     lines = [
         "## Whole examples with `rules/kron.yaml` (CPU)", "", machine(r), "",
@@ -317,7 +336,8 @@ def main() -> None:
            "machine named with it. No GPU figures yet: no GPU was available to run the kernels. Timings under the Triton",
            "interpreter are never quoted.", ""]
     files = [("kron_linear_cpu.json", kron_linear), ("kron_linear_large_cpu.json", kron_linear_large),
-             ("kron_build_cpu.json", kron_build), ("examples_cpu.json", examples),
+             ("kron_build_cpu.json", kron_build), ("kron_trained_cpu.json", kron_trained),
+             ("examples_cpu.json", examples),
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
     files += [("binary_digits_cpu.json", binary_digits)]
