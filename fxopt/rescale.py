@@ -164,6 +164,9 @@ def down(model: nn.Module, example_inputs: tuple, factor: float = 2.0,
     """`model` rewritten for inputs `factor` times smaller per spatial axis (see the module doc)."""
     if not factor > 1:
         raise FxoptError(f"rescale: factor must be greater than 1, got {factor}")
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+    if not shapes or not all(isinstance(s, tuple) and len(s) == 4 for s in shapes):
+        raise FxoptError(f"rescale: expects image batches (N, C, H, W) as example inputs, got {shapes}")
     ruleset = rules_mod.load_rescale(rules)
     gm = _trace(model, example_inputs)
     claims = _claims(gm, ruleset)
@@ -216,6 +219,8 @@ def _shape_at(gm: fx.GraphModule, inputs: list, node_name: str) -> tuple[int, ..
             Probe(gm).run(*inputs)
     except Found as found:
         return found.shape
+    except Exception as exc:
+        raise FxoptError(f"rescale: the rescaled model fails before {node_name}: {first_line(exc)}") from None
     raise FxoptError(f"rescale: node {node_name} did not run")
 
 

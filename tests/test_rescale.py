@@ -184,6 +184,12 @@ def test_rescale_command_writes_a_loadable_low_resolution_model_and_its_report(t
     assert "| 2 | conv | kept |" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["rescale", str(model), "--factor", "1", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "factor must be greater than 1" in bad.output
+    tokens = tmp_path / "tokens.py"  # not an image model: one clear line, not an internal error
+    tokens.write_text("import torch\nfrom torch import nn\nmodel = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))\n"
+                      "def example_inputs():\n    return (torch.randn(2, 8, 16),)\n")
+    bad = CliRunner().invoke(app, ["rescale", str(tokens), "--out", str(tmp_path / "y")])
+    assert bad.exit_code == 2 and "expects image batches (N, C, H, W)" in bad.output, bad.output
+    assert not (tmp_path / "y").exists()
 
 
 def test_schedule_trains_low_then_full_and_times_each_phase():
