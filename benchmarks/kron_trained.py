@@ -65,16 +65,15 @@ def wide_mlp(classes: int = 10) -> nn.Module:
 MODELS = {"vgg": vgg_style, "vit": PatchTransformer, "mlp": wide_mlp}
 # Every conv but the stem and every linear but the head, at a parameter budget per layer; kron's
 # FLOPs cap left at its rule default (no layer slower in FLOPs than dense).
+LINEAR_RULE = ("version: 1\nrules:\n"
+               "  - name: kron-linear\n    match: {op: linear, exclude: {last: true}}\n"
+               "    substitute: kron\n    params: {compression: COMPRESSION}\n")
 RULES = {
     "vgg": "version: 1\nrules:\n"
            "  - name: kron-conv\n    match: {op: conv2d, in_channels: {min: 32}, exclude: {first: true}}\n"
            "    substitute: kron\n    params: {compression: COMPRESSION}\n",
-    "vit": "version: 1\nrules:\n"
-           "  - name: kron-linear\n    match: {op: linear, exclude: {last: true}}\n"
-           "    substitute: kron\n    params: {compression: COMPRESSION}\n",
-    "mlp": "version: 1\nrules:\n"
-           "  - name: kron-linear\n    match: {op: linear, exclude: {last: true}}\n"
-           "    substitute: kron\n    params: {compression: COMPRESSION}\n",
+    "vit": LINEAR_RULE,
+    "mlp": LINEAR_RULE,
 }
 
 

@@ -40,12 +40,7 @@ from .registry import HAVE_TRITON, interpreted, pick
 def kron_linear_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
                           extras: list[torch.Tensor], steps: ep.Steps) -> torch.Tensor:
     """Plain torch: the oracle every implementation is tested against."""
-    r, m1, n1 = a.shape
-    _, m2, n2 = b.shape
-    y = _rows(x.reshape(-1, n1 * n2), a, b).reshape(*x.shape[:-1], m1 * m2)
-    if bias is not None:
-        y = y + bias
-    return ep.apply(y, steps, extras)
+    return _finish(_rows(x.reshape(-1, a.shape[2] * b.shape[2]), a, b), x, bias, extras, steps)
 
 
 def _rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,7 +78,7 @@ def kron_linear_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: O
     (`row_chunk`). Plain torch, so Inductor and torch.export see through it; a symbolic row count
     (a graph exported with a dynamic batch) takes one pass."""
     r, m1, n1 = a.shape
-    _, m2, n2 = b.shape
+    n2 = b.shape[2]
     flat = x.reshape(-1, n1 * n2)
     rows = flat.shape[0]
     chunk = row_chunk(rows, r * m1 * n2) if isinstance(rows, int) else None
@@ -91,7 +86,13 @@ def kron_linear_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: O
         y = _rows(flat, a, b)
     else:
         y = torch.cat([_rows(flat[i:i + chunk], a, b) for i in range(0, rows, chunk)])
-    y = y.reshape(*x.shape[:-1], m1 * m2)
+    return _finish(y, x, bias, extras, steps)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], extras: list[torch.Tensor],
+            steps: ep.Steps) -> torch.Tensor:
+    """(rows, m) back to x's leading shape, then bias and the epilogue chain."""
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
     if bias is not None:
         y = y + bias
     return ep.apply(y, steps, extras)

@@ -329,8 +329,8 @@ RESCALE_HINT = ("kernel rescaling is not a per-layer substitute: it rewrites the
                 "smaller, to train there first; run `fxopt rescale MODEL.py --factor N --rules {source} --out DIR`")
 
 
-def _root(r: _Reader, text: str, allowed: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """The top-level mapping of a rule file, its version checked."""
+def _root(r: _Reader, text: str, required: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """The top-level mapping of a rule file (`required`: `version` and its list key), version checked."""
     try:
         root = yaml.compose(text)
     except yaml.MarkedYAMLError as exc:
@@ -345,13 +345,13 @@ def _root(r: _Reader, text: str, allowed: tuple[str, ...]) -> dict[str, tuple[ya
     version_node = fields["version"][1]
     if r.scalar(version_node, "version", int) != SCHEMA_VERSION:
         raise r.fail(version_node, f"unsupported schema version (this fxopt reads version {SCHEMA_VERSION})")
-    if "rescale" in fields and "rescale" not in allowed:
+    if "rescale" in fields and "rescale" not in required:
         raise r.fail(fields["rescale"][0], RESCALE_HINT.format(source=r.source))
-    if "rules" in fields and "rules" not in allowed:
+    if "rules" in fields and "rules" not in required:
         raise r.fail(fields["rules"][0], "a file of substitution rules, not of rescale rules: run "
                                          f"`fxopt optimize MODEL.py --rules {r.source}`")
-    for key in allowed:
-        if key not in fields and key != "end_to_end":
+    for key in required:
+        if key not in fields:
             raise r.fail(root, f"the rule file is missing required key {key!r}")
     return fields
 
@@ -372,7 +372,7 @@ def _list(r: _Reader, node: yaml.Node, what: str, read) -> tuple:
 def parse(text: str, source: str = "<rules>") -> RuleSet:
     """Parse rule-file text; raises RuleError naming source:line:column."""
     r = _Reader(source)
-    fields = _root(r, text, ("version", "rules", "end_to_end"))
+    fields = _root(r, text, ("version", "rules"))
     rules = _list(r, fields["rules"][1], "rules", lambda node, i: _rule(r, node, i))
     e2e = _tolerance(r, fields["end_to_end"][1], "end_to_end", tuple(METRICS)) if "end_to_end" in fields else Tolerance()
     return RuleSet(source=source, rules=rules, end_to_end=e2e)

@@ -328,15 +328,15 @@ def _parse_factors(value: Any) -> Any:
         return value
     if isinstance(value, list) and value:  # mixed shapes: one group per entry, each with its rank
         return tuple(_parse_group(entry, i) for i, entry in enumerate(value))
-    shape = _parse_shape(value, ("out", "in"))
+    shape = _parse_shape(value)
     if shape is not None:
         return shape
     raise ValueError(f"expected 'auto', {{out: [m1, m2], in: [n1, n2]}} or a list of "
                      f"{{out: [m1, m2], in: [n1, n2], rank: R}}, got {value!r}")
 
 
-def _parse_shape(value: Any, keys: tuple[str, ...]) -> dict | None:
-    if isinstance(value, dict) and set(value) == set(keys):
+def _parse_shape(value: Any, with_rank: bool = False) -> dict | None:
+    if isinstance(value, dict) and set(value) == {"out", "in"} | ({"rank"} if with_rank else set()):
         pairs = {k: value[k] for k in ("out", "in")}
         if all(isinstance(v, list) and len(v) == 2 for v in pairs.values()):
             return {k: tuple(positive_int(x) for x in v) for k, v in pairs.items()}
@@ -346,7 +346,7 @@ def _parse_shape(value: Any, keys: tuple[str, ...]) -> dict | None:
 def _parse_group(entry: Any, i: int) -> dict:
     if isinstance(entry, dict) and set(entry) == {"out", "in"}:
         raise ValueError(f"factors[{i}]: each shape of a mixture needs its rank ({{out: …, in: …, rank: R}})")
-    shape = _parse_shape(entry, ("out", "in", "rank"))
+    shape = _parse_shape(entry, with_rank=True)
     if shape is None:
         raise ValueError(f"factors[{i}]: expected {{out: [m1, m2], in: [n1, n2], rank: R}}, got {entry!r}")
     return shape | {"rank": positive_int(entry["rank"])}
