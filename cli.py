@@ -92,13 +92,14 @@ def optimize(
     else:
         calibration = calibration_batches(spec, calib_batches)
     result = run(spec.model, spec.example_inputs, ruleset, calibration=calibration, source=str(model),
-                 layerwise=layerwise, time_sites=time_sites)
+                 layerwise=layerwise, time_sites=time_sites, evaluate=spec.evaluate)
     result.save(out)
     print_summary(result.report, console, stages=verbose)
     console.print(f"wrote {out}/model.pt2, report.json, report.md, report.html")
     totals, e2e = result.report["totals"], result.report["end_to_end"]
-    if strict and (totals["rolled_back"] or e2e["violations"]):
-        problems = [f"{totals['rolled_back']} site(s) rolled back"] if totals["rolled_back"] else []
+    rolled = totals["rolled_back"] + totals["over_budget"]
+    if strict and (rolled or e2e["violations"]):
+        problems = [f"{rolled} site(s) rolled back"] if rolled else []
         raise StrictFailure("--strict: " + "; ".join(problems + e2e["violations"]) + f" (results kept in {out})")
 
 
@@ -129,7 +130,7 @@ def bench(
 
     timings = run(spec.model, spec.example_inputs, ruleset, compile=compile, rounds=rounds,
                   min_run_time=min_run_time, calibration=calibration_batches(spec, calib_batches), source=str(model),
-                  layerwise=Layerwise(steps=layerwise_steps, distill_steps=distill_steps))
+                  layerwise=Layerwise(steps=layerwise_steps, distill_steps=distill_steps), evaluate=spec.evaluate)
     print_bench(timings, console)
     if out is not None:
         write_json(out, timings)

@@ -5,7 +5,8 @@ Each figure is the median, over interleaved rounds, of torch.utils.benchmark med
 warm-up (compilation happens there). Ratios are original time / rewritten time (> 1: faster);
 "best" compares the faster of eager and compiled on each side, so a rewritten model is never
 credited for being compiled against an uncompiled original. Per-site timings run each original
-layer and its substitute on a random input of the site's recorded shape.
+layer and its substitute on a random input of the site's recorded shape. Rounds that disagree are
+timed again; a figure that stays inconsistent is marked `unreliable` (fxopt/timing.py).
 
     >>> timings = bench(model, example_inputs, "kron")          # doctest: +SKIP
     >>> timings["end_to_end"]["speedup"]["best"]
@@ -20,11 +21,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .budget import Evaluate
 from .gate import site_input
 from .layerwise import Layerwise
 from .pipeline import Result, optimize
 from .rules import RuleSet
-from .timing import time_variants
+from .timing import Timing, measure
 from .validate import eval_mode
 
 
@@ -49,6 +51,13 @@ def variants(original: nn.Module, rewritten: nn.Module, compiled: bool) -> dict[
     return variants
 
 
+def _row(t: Timing, compiled: bool) -> dict[str, Any]:
+    """µs per variant and speed-ups; `unreliable` (why) where the rounds stayed inconsistent."""
+    row = {"us": {k: round(v * 1e6, 2) for k, v in t.seconds.items()}, "speedup": speedups(t.seconds, compiled),
+           "retimed": t.retimed}
+    return row | ({"unreliable": t.unreliable} if t.unreliable else {})
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -63,19 +72,20 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, *, compile: bool = True,
           rounds: int = 3, min_run_time: float = 0.2, calibration: Iterable[tuple] | None = None,
-          result: Result | None = None, source: str | None = None, layerwise: Layerwise | None = None) -> dict[str, Any]:
+          result: Result | None = None, source: str | None = None, layerwise: Layerwise | None = None,
+          evaluate: Evaluate | None = None) -> dict[str, Any]:
     """Optimize `model` by `rules` (or take a given `result`) and time it against the original."""
     result = result or optimize(model, example_inputs, rules, calibration=calibration, source=source,
-                                layerwise=layerwise)
+                                layerwise=layerwise, evaluate=evaluate)
     inputs = tuple(example_inputs)
     with eval_mode(model):
-        t = time_variants(variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
-    e2e = {"us": {k: round(v * 1e6, 2) for k, v in t.items()}, "speedup": speedups(t, compile)}
+        t = measure(variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
+    e2e = _row(t, compile)
     sites = []
     for site, substitute in result.substitutes:
-        ts = time_variants(variants(site.module, substitute, compile), (site_input(site),), rounds, min_run_time)
+        ts = measure(variants(site.module, substitute, compile), (site_input(site),), rounds, min_run_time)
         sites.append({"name": site.key, "substitute": type(substitute).__name__, "input_shape": list(site.in_shape),
-                      "us": {k: round(v * 1e6, 2) for k, v in ts.items()}, "speedup": speedups(ts, compile)})
+                      **_row(ts, compile)})
     device = inputs[0].device if inputs else torch.device("cpu")
     return {
         "model": source or type(model).__name__, "rules": result.report["rules"], "compiled": compile,
@@ -83,6 +93,7 @@ def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, 
         "input_shapes": [list(x.shape) for x in inputs],
         "end_to_end": e2e, "sites": sites,
         "accuracy": {k: result.report["end_to_end"][k] for k in ("max_abs", "rel_l2", "sqnr_db", "cosine", "top1_agreement")},
+        "metrics": result.report["end_to_end"].get("metrics", {}),
         "size": {k: result.report["end_to_end"][k] for k in ("params_before", "params_after", "flops_before", "flops_after")},
         "training": result.report.get("training", {}),
     }

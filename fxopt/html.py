@@ -22,13 +22,13 @@ from typing import Any
 import networkx as nx
 
 from . import graphs
-from .report import ERROR_KEYS, change, fmt
+from .report import ERROR_KEYS, change, fmt, metric_lines, output_line
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#111827}
 h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #d1d5db;padding:3px 6px;text-align:left}
-tr:target,tr.hl{background:#fef3c7} .applied{color:#15803d} .rolled_back,.gated{color:#b45309} .skipped,.unused{color:#6b7280}
+tr:target,tr.hl{background:#fef3c7} .applied{color:#15803d} .rolled_back,.gated,.over_budget{color:#b45309} .skipped,.unused{color:#6b7280}
 .graphs{display:flex;gap:12px} .pane{flex:1;overflow:auto;max-height:80vh;border:1px solid #d1d5db}
 .pane h3{position:sticky;top:0;background:#f9fafb;margin:0;padding:4px 8px;font-size:13px}
 .plots{display:flex;gap:24px;flex-wrap:wrap} .legend span{display:inline-block;padding:1px 6px;margin-right:6px;border:1px solid #374151}
@@ -201,10 +201,21 @@ def _summary(report: dict[str, Any]) -> str:
     metrics = " · ".join(f"{k} {fmt(e.get(k))}" for k in (*ERROR_KEYS, "top1_agreement"))
     unused = f", unused {t['unused']}" if t.get("unused") else ""
     return (f"<p>Rules <code>{html.escape(str(report['rules']))}</code> · sites {t['sites']}: applied {t['applied']}, "
-            f"rolled back {t['rolled_back']}, gated {t.get('gated', 0)}, skipped {t['skipped']}{unused}</p>"
+            f"rolled back {t['rolled_back']}, gated {t.get('gated', 0)}, over budget {t.get('over_budget', 0)}, skipped {t['skipped']}{unused}</p>"
             f"<p>End to end: {html.escape(metrics)} · params "
             f"{html.escape(change(e['params_before'], e['params_after'], 'smaller', 'larger'))} · linear/conv FLOPs "
-            f"{html.escape(change(e['flops_before'], e['flops_after'], 'fewer', 'more'))}</p>")
+            f"{html.escape(change(e['flops_before'], e['flops_after'], 'fewer', 'more'))}</p>"
+            + _outputs(e))
+
+
+def _outputs(e: dict[str, Any]) -> str:
+    """The user's metrics, each output's line (models with several), and the degenerate-reference flag."""
+    mine = "".join(f"<li>{html.escape(line)}</li>" for line in metric_lines(e))
+    mine = f"<p>Your metrics (evaluate()), original → saved model:</p><ul>{mine}</ul>" if mine else ""
+    items = [f"<li><code>{html.escape(o['name'])}</code>: {html.escape(output_line(o))}</li>" for o in e.get("outputs") or []]
+    flag = (f'<p class="rolled_back">The original model\'s output is {html.escape(e["degenerate_reference"])}: relative '
+            "metrics mean nothing on these inputs.</p>") if e.get("degenerate_reference") else ""
+    return mine + flag + (f"<ul>{''.join(items)}</ul>" if items else "")
 
 
 def report_page(report: dict[str, Any]) -> str:

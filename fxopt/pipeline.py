@@ -1,7 +1,7 @@
 """`optimize()`: the whole pipeline, one named stage per line.
 
-    trace → match → build → layerwise → validate → gate → substitute → collapse → cleanup
-          → distill → freeze → fuse → export → end_to_end
+    trace → match → build → layerwise → validate → gate → budget → substitute → collapse
+          → cleanup → distill → freeze → fuse → export → end_to_end → evaluate
 
 * trace:      model → GraphModule with shapes (symbolic_trace, else torch.export); PyTorch's
               attention modules opened up so their projections are sites (fxopt/attention.py)
@@ -14,6 +14,8 @@
               violates its rule's tolerance is rolled back (the original stays in the graph)
 * gate:       each remaining site timed, original layer against substitute; a rule's
               `require_speedup` keeps the original where the substitute does not pay
+* budget:     (with `end_to_end.enforce`) sites rolled back, most harmful first as measured on
+              the user's evaluate() or the output tolerances, until every bound holds (fxopt/budget.py)
 * substitute: the accepted substitutes go into the graph (pass)
 * collapse:   attention modules none of whose projections changed are one call again, with
               their fused fast path (pass)
@@ -27,6 +29,8 @@
               become its kernel's generated epilogue (pass; fxopt/passes/fuse.py)
 * export:     the rewritten graph as a torch.export program: what is saved and what `load` returns
 * end_to_end: the exported program against the user's original model
+* evaluate:   (with the user's `evaluate()`, also run on the original first) the user's metrics of
+              the exported program, against the original's and the rule file's bounds
 
 Every stage's name and time go into the log and the report; every site leaves a record.
 """
@@ -39,15 +43,17 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
 
+from . import budget
 from . import rules as rules_mod
 from . import substitutes
+from .budget import Evaluate, check_bounded, metric_changes, metric_violations, run_evaluate
 from .errors import FxoptError, first_line
 from .flops import dense_flops, param_count, storage_bytes, substitute_flops
 from .gate import site_latency, verdict
@@ -56,8 +62,9 @@ from .layerwise import Layerwise, distill, train_sites
 from .match import Decision, Site, choose_rules, find_sites, unseen
 from .passes import cleanup, collapse, freeze, fuse, live_nodes, substitute
 from .report import build_report
-from .trace import export_program, trace
-from .validate import end_to_end, site_errors
+from .trace import batch_size, export_program, trace
+from .save import inference_module
+from .validate import end_to_end, eval_mode, site_errors
 
 log = logging.getLogger("fxopt")
 
@@ -72,7 +79,8 @@ class SiteRecord:
     form: str
     rule: str | None
     substitute: str | None
-    status: str  # applied | rolled_back (tolerance) | gated (not faster enough) | skipped | unused (dead code)
+    status: str  # applied | rolled_back (tolerance) | gated (not faster enough) | over_budget (accuracy budget)
+    #              | skipped | unused (dead code)
     reason: str | None
     params: dict[str, Any]
     module_before: str
@@ -139,7 +147,7 @@ class _Stages:
 def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
              calibration: Iterable[tuple] | None = None, source: str | None = None,
              layerwise: Layerwise | None = None, time_sites: bool = True, export_program: bool = True,
-             freeze_substitutes: bool = True) -> Result:
+             freeze_substitutes: bool = True, evaluate: Evaluate | None = None) -> Result:
     """Rewrite `model` by `rules` (a path, a shipped name such as "kron", or a RuleSet).
 
     Validation runs on the example inputs and on every calibration batch given. `layerwise`
@@ -148,13 +156,21 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     `require_speedup` are timed whatever it says. Without `export_program` (the torch.compile
     backend) the export stage is skipped, `Result.program` is None and end_to_end checks the
     rewritten GraphModule itself. Without `freeze_substitutes` (training through the backend)
-    the substitutes keep their training form and the freeze stage is skipped.
+    the substitutes keep their training form and the freeze stage is skipped. `evaluate(model)
+    -> {metric: number}` (the user's own, e.g. accuracy on held-out data) is run on the original
+    model and on the result; the rule file may bound it, and with `end_to_end.enforce` sites are
+    rolled back, most harmful first, until every bound holds (fxopt/budget.py).
     """
     ruleset = rules_mod.load(rules)
     layerwise = layerwise or Layerwise()
     calib = [tuple(b) for b in (calibration or [])]
     batches = [tuple(example_inputs)] + calib
     stage = _Stages()
+    metrics_before = None
+    if evaluate is not None:  # first: a broken evaluate() or an unknown bounded metric fails before any work
+        with stage("evaluate_original"), eval_mode(model):
+            metrics_before = run_evaluate(evaluate, model, "the original model")
+    check_bounded(ruleset, metrics_before)
     with stage("trace"):
         traced = trace(model, tuple(example_inputs), source or type(model).__name__)
     with stage("match"):
@@ -170,6 +186,11 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         accepted = validate_sites(traced.gm, candidates, records, batches)
     with stage("gate"):
         accepted = gate_sites(accepted, records, time_sites)
+    search = None
+    if ruleset.enforce and accepted:
+        with stage("budget"):
+            accepted, search = enforce_budget(model, traced.gm, accepted, records, ruleset, batches, evaluate,
+                                              metrics_before)
     reference = None
     if layerwise.distill_steps and layerwise.distill_sites and accepted:  # the original graph, for per-site targets
         with warnings.catch_warnings():  # torch's pytree warns about its own specs when they are copied
@@ -205,19 +226,28 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         for f in fused:
             records[site_of[f["target"]]].epilogue = f["steps"]
         after = summarize(gm, kept | _placed_nodes(gm, placed))
-    program = None
+    program, exported = None, None
     if export_program:
         with stage("export"):
             program = export(gm, tuple(example_inputs))
+            exported = {"batch": batch_size(program)}
+    final = inference_module(program) if program is not None else gm
     with stage("end_to_end"):
-        e2e = end_to_end(model, program.module() if program is not None else gm, batches)
+        e2e = end_to_end(model, final, batches)
+    metrics = None
+    if evaluate is not None:
+        with stage("evaluate"):
+            metrics_after = run_evaluate(evaluate, final, "the rewritten model")
+        metrics = {"values": metric_changes(metrics_before, metrics_after),
+                   "violations": metric_violations(ruleset, metrics_before, metrics_after)}
 
     report = build_report(
         records=list(records.values()), e2e=e2e, ruleset=ruleset, traced=traced,
         params=(param_count(model), params_after), stages=stage.timings,
         storage=(storage_bytes(model), storage_bytes(gm)),
         batches=len(batches), source=source, graphs={"original": before, "rewritten": after},
-        not_seen=not_seen, attention=attention + [{"module": u.path, "type": u.module_type, "expanded": False,
+        not_seen=not_seen, exported=exported, metrics=metrics, budget=asdict(search) if search else None,
+        attention=attention + [{"module": u.path, "type": u.module_type, "expanded": False,
                                                    "reason": u.reason} for u in traced.unexpanded],
         training={"layerwise_steps": layerwise.steps, "lr": layerwise.lr, "loss": layerwise.loss,
                   "batches": len(calib or batches) if layerwise.steps or layerwise.distill_steps else 0,
@@ -306,13 +336,42 @@ def gate_sites(accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRe
         if rec.require_speedup is None and not time_all:
             kept.append((site, module))
             continue
-        rec.latency = site_latency(site, substitutes.deployable(module))
+        flops = rec.flops_before / rec.flops_after if rec.flops_after else None
+        rec.latency = site_latency(site, substitutes.deployable(module), flop_ratio=flops)
         reason = verdict(rec.latency, rec.require_speedup)
         if reason:
             rec.keep_original("gated", reason)
         else:
             kept.append((site, module))
     return kept
+
+
+def enforce_budget(model: nn.Module, gm: fx.GraphModule, accepted: list[tuple[Site, nn.Module]],
+                   records: dict[str, SiteRecord], ruleset: rules_mod.RuleSet, batches: list[tuple],
+                   evaluate: Evaluate | None, before: dict[str, float] | None
+                   ) -> tuple[list[tuple[Site, nn.Module]], budget.Search]:
+    """The accuracy budget (fxopt/budget.py): the accepted sites less those rolled back, most
+    harmful first, until every end-to-end bound holds; those get status `over_budget`."""
+    outputs = bool(ruleset.end_to_end.as_dict())
+
+    def measure(candidate: nn.Module) -> tuple[list[str], dict[str, float]]:
+        e2e = end_to_end(model, candidate, batches) if outputs else {}
+        after = run_evaluate(evaluate, candidate, "a candidate of the budget search") if evaluate else None
+        violations = ruleset.end_to_end.violations(e2e) if outputs else []
+        if evaluate is not None:
+            violations += metric_violations(ruleset, before, after)
+        return violations, budget.slack(ruleset, e2e, before, after)
+
+    found = budget.search(budget.Switched(gm, accepted), measure)
+    harm = {k: p["harm"] for p in found.probes for k in p["sites"]}
+    ranked = sorted(harm, key=lambda k: -harm[k])
+    held = ("the bounds held after it" if found.met else
+            "the bounds do not hold even with every site rolled back: " + "; ".join(found.violations_after))
+    for key in found.rolled_back:
+        records[key].keep_original("over_budget", (
+            f"accuracy budget: rolled back ({ranked.index(key) + 1}. most harmful of {len(ranked)} probed; rolling "
+            f"it back alone moved the failing bounds by {harm[key]:+.3g}× their allowance); {held}"))
+    return [(s, m) for s, m in accepted if s.key not in found.rolled_back], found
 
 
 def _record(d: Decision) -> SiteRecord:

@@ -12,7 +12,14 @@ original layer), `graphs` (`original` and `rewritten`: nodes and edges, see fxop
 `not_seen` (parameters that feed a matmul-like op outside every site: `param`, `node`, `op`,
 `reason`), `attention` (each attention module call: `module`, `type`, `expanded`: whether the
 rewritten model runs it opened up, because one of its projections changed, or as the module
-itself; `reason` where fxopt could not open it).
+itself; `reason` where fxopt could not open it), `export.batch` (`dynamic`: whether the saved program takes
+any batch size; `size` where it is fixed), `end_to_end.outputs` (models with several outputs: each one's
+`name`, as torch's pytree writes its path, and metrics), `end_to_end.degenerate_reference` (and in any
+error dict: why the reference output anchors no relative metric), `end_to_end.metrics` (the model file's
+`evaluate()`: `{name: {before, after, change}}`) and `end_to_end.metric_bounds`, `budget` (the accuracy-budget
+search, fxopt/budget.py: `met`, `evaluations`, `seconds`, `probes`, `rolled_back`, `retried`, `violations_before`,
+`violations_after`; null when not enforced), the status `over_budget` and `totals.over_budget`, per site
+`latency.retimed` and `latency.unreliable` (why the timing could not be trusted after re-timing).
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ REPORT_SCHEMA = 1
 ERROR_KEYS = ("max_abs", "rel_l2", "sqnr_db", "cosine")
 
 
-STATUSES = ("applied", "rolled_back", "gated", "skipped", "unused")
+STATUSES = ("applied", "rolled_back", "gated", "over_budget", "skipped", "unused")
 
 
 def build_report(*, records, e2e, ruleset, traced, params, stages, batches, source, storage=(0, 0),
                  training: dict[str, Any] | None = None, graphs: dict[str, Any] | None = None,
                  not_seen: list[dict[str, str]] | None = None,
-                 attention: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 attention: list[dict[str, Any]] | None = None,
+                 exported: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                 budget: dict[str, Any] | None = None) -> dict[str, Any]:
     from . import __version__
 
     sites = [asdict(r) for r in records]
@@ -47,9 +56,15 @@ def build_report(*, records, e2e, ruleset, traced, params, stages, batches, sour
     violations = ruleset.end_to_end.violations(e2e)
     if any(isinstance(v, float) and math.isnan(v) for v in e2e.values()):
         violations.append("rewritten model produced non-finite values")
+    violations += (metrics or {}).get("violations", [])
     end_to_end = {
         **{k: e2e.get(k) for k in ERROR_KEYS},
         "top1_agreement": e2e.get("top1_agreement"),
+        "degenerate_reference": e2e.get("degenerate_reference"),
+        "outputs": e2e.get("outputs", []),
+        "metrics": (metrics or {}).get("values", {}),
+        "metric_bounds": {b.name: {("max_drop" if b.higher_is_better else "max_rise"): b.limit}
+                          for b in ruleset.metrics},
         "params_before": params[0], "params_after": params[1],
         "bytes_before": storage[0], "bytes_after": storage[1],
         "flops_before": flops_before, "flops_after": flops_after,
@@ -73,6 +88,8 @@ def build_report(*, records, e2e, ruleset, traced, params, stages, batches, sour
         "graphs": graphs or {},
         "not_seen": not_seen or [],
         "attention": attention or [],
+        "export": exported or {},
+        "budget": budget,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "threads": torch.get_num_threads()},
     }
@@ -108,12 +125,15 @@ def markdown(report: dict[str, Any]) -> str:
           f"torch {report['environment']['torch']}",
         "",
         f"Sites: {t['sites']} · applied {t['applied']} · rolled back {t['rolled_back']} · gated {t['gated']} "
-        f"· skipped {t['skipped']}" + (f" · unused {t['unused']}" if t.get("unused") else ""),
+        f"· skipped {t['skipped']}" + (f" · unused {t['unused']}" if t.get("unused") else "")
+        + (f" · over budget {t['over_budget']}" if t.get("over_budget") else ""),
         *_training_lines(report),
+        *_budget_lines(report),
         *_slower_lines(t),
         "",
         "## End to end",
         "",
+        *_metric_table(e),
         "| metric | value |",
         "|---|---|",
         *(f"| {k} | {fmt(e[k])} |" for k in (*ERROR_KEYS, "top1_agreement")),
@@ -121,8 +141,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"| weights and buffers (bytes) | {fmt(e.get('bytes_before'))} → {fmt(e.get('bytes_after'))} "
         f"({change(e.get('bytes_before'), e.get('bytes_after'), 'smaller', 'larger')}) |",
         f"| linear/conv FLOPs | {fmt(e['flops_before'])} → {fmt(e['flops_after'])} ({change(e['flops_before'], e['flops_after'], 'fewer', 'more')}) |",
+        *([f"| reference | {e['degenerate_reference']}: relative metrics not meaningful |"]
+          if e.get("degenerate_reference") else []),
+        f"| batch size of the saved model | {_batch_text(report)} |",
         f"| tolerance | {e['tolerance'] or '—'} |",
         f"| violations | {'; '.join(e['violations']) or 'none'} |",
+        *_output_table(e),
         "",
         "## Sites",
         "",
@@ -137,7 +161,8 @@ def markdown(report: dict[str, Any]) -> str:
     for s in report["sites"]:
         err, init, lat = s["error"] or {}, s.get("error_init") or {}, s.get("latency")
         latency = f"{lat['original_us']:.1f} → {lat['substitute_us']:.1f}" if lat else "—"
-        speed = f"{lat['speedup']:.2f}×" if lat else "—"
+        speed = (f"{lat['speedup']:.2f}×" + (f" (unreliable: {lat['unreliable']})" if lat.get("unreliable") else "")
+                 if lat else "—")
         lines.append(
             f"| `{s['key']}` | {s['op']} ({s['form']}) | {s['rule'] or '—'} | {s['substitute'] or '—'} | {s['status']} "
             f"| {fmt(s['params_before'])} → {fmt(s['params_after'])} | {fmt(s['flops_before'])} → {fmt(s['flops_after'])} "
@@ -149,6 +174,60 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|",
               *(f"| {s['name']} | {s['seconds']:.3f} |" for s in report["stages"]), ""]
     return "\n".join(lines)
+
+
+def metric_lines(e: dict[str, Any]) -> list[str]:
+    """The user's metrics (evaluate()), one line each: 'accuracy 0.9511 → 0.9489 (-0.0022; max_drop 0.01)'."""
+    bounds = e.get("metric_bounds") or {}
+    lines = []
+    for name, m in (e.get("metrics") or {}).items():
+        bound = "".join(f"; {k} {v:g}" for k, v in bounds.get(name, {}).items())
+        lines.append(f"{name} {fmt(m['before'])} → {fmt(m['after'])} ({m['change']:+.4g}{bound})")
+    return lines
+
+
+def _metric_table(e: dict[str, Any]) -> list[str]:
+    lines = metric_lines(e)
+    if not lines:
+        return []
+    return ["Your metrics (`evaluate()`), original → saved model:", "", *(f"- {line}" for line in lines), ""]
+
+
+def _budget_lines(report: dict[str, Any]) -> list[str]:
+    b = report.get("budget")
+    if not b:
+        return []
+    if not b["violations_before"]:
+        return ["", f"Accuracy budget: every bound held with all sites applied (1 evaluation, {b['seconds']:.1f} s)."]
+    outcome = "every bound holds" if b["met"] else "the bounds still fail: " + "; ".join(b["violations_after"])
+    return ["", f"Accuracy budget: {len(b['rolled_back'])} site(s) rolled back, most harmful first "
+                f"({', '.join(b['rolled_back']) or 'none'}); {len(b['retried'])} re-applied after all; {outcome}. "
+                f"{b['evaluations']} evaluations, {b['seconds']:.1f} s. Before: " + "; ".join(b["violations_before"]) + "."]
+
+
+def output_line(o: dict[str, Any]) -> str:
+    """One output's agreement in a line of text (its relative metrics only when they mean something)."""
+    if o.get("degenerate_reference") and o.get("rel_l2") is None:
+        return (f"reference {o['degenerate_reference']}: relative metrics not meaningful · "
+                f"max abs {fmt(o.get('max_abs'), 3)}")
+    top1 = f" · top-1 agreement {fmt(o['top1_agreement'], 3)}" if o.get("top1_agreement") is not None else ""
+    return (f"rel L2 {fmt(o.get('rel_l2'), 3)} · sqnr {fmt(o.get('sqnr_db'), 3)} dB · cosine {fmt(o.get('cosine'), 5)} · "
+            f"max abs {fmt(o.get('max_abs'), 3)}{top1}")
+
+
+def _output_table(e: dict[str, Any]) -> list[str]:
+    outputs = e.get("outputs") or []
+    if not outputs:
+        return []
+    return ["", "Each output of the model:", "", "| output | agreement with the original |", "|---|---|",
+            *(f"| `{o['name']}` | {output_line(o).replace('|', '/')} |" for o in outputs)]
+
+
+def _batch_text(report: dict[str, Any]) -> str:
+    batch = (report.get("export") or {}).get("batch") or {}
+    if batch.get("dynamic") is None:
+        return "—"
+    return "any" if batch["dynamic"] else f"{batch['size']} only (the model fixes it)"
 
 
 def _attention_lines(report: dict[str, Any]) -> list[str]:
@@ -221,7 +300,8 @@ def _slower_lines(totals: dict[str, Any]) -> list[str]:
                 "to keep the original layers there."]
 
 
-STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "gated": "yellow", "skipped": "dim", "unused": "dim"}
+STATUS_STYLE = {"applied": "green", "rolled_back": "yellow", "gated": "yellow", "over_budget": "yellow", "skipped": "dim",
+                "unused": "dim"}
 
 
 def print_summary(report: dict[str, Any], console: Console | None = None, stages: bool = False) -> None:
@@ -246,9 +326,11 @@ def print_summary(report: dict[str, Any], console: Console | None = None, stages
         status = f"[{STATUS_STYLE[s['status']]}]{s['status']}[/]"
         table.add_row(s["key"], f"{s['substitute']}: {status}" if s["substitute"] else status,
                       f"{fmt(s['params_before'])} → {fmt(s['params_after'])}", sqnr,
-                      f"{lat['speedup']:.2f}×" if lat else "—")
+                      f"{lat['speedup']:.2f}×" + ("?" if lat.get("unreliable") else "") if lat else "—")
         if s["reason"]:
             notes.append(f"  {s['key']}: {s['reason']}")
+        if lat and lat.get("unreliable"):
+            notes.append(f"  {s['key']}: ? timing unreliable: {lat['unreliable']}")
     console.print(table)
     for note in notes:
         console.print(note, markup=False, highlight=False)
@@ -263,12 +345,31 @@ def print_summary(report: dict[str, Any], console: Console | None = None, stages
                       f"(eager, this machine): {', '.join(slower)}[/]")
     e = report["end_to_end"]
     top1 = f" · top-1 agreement {e['top1_agreement']:.3f}" if e["top1_agreement"] is not None else ""
+    for o in e.get("outputs") or []:
+        console.print(f"  output {o['name']}: {output_line(o)}", markup=False, highlight=False)
+    if e.get("degenerate_reference"):
+        console.print(f"[yellow]the original model's output is {e['degenerate_reference']}: relative metrics "
+                      "(sqnr, cosine, top-1) mean nothing on these inputs[/]")
     console.print(f"end to end: sqnr {fmt(e['sqnr_db'], 3)} dB · cosine {fmt(e['cosine'], 5)} · "
                   f"max abs {fmt(e['max_abs'], 3)}{top1} · params {change(e['params_before'], e['params_after'], 'smaller', 'larger')}"
                   f" · bytes {change(e.get('bytes_before'), e.get('bytes_after'), 'smaller', 'larger')}"
                   f" · linear/conv FLOPs {change(e['flops_before'], e['flops_after'], 'fewer', 'more')}")
+    for line in metric_lines(e):
+        console.print(f"your metric: {line}", markup=False, highlight=False)
+    for line in _budget_lines(report)[1:]:
+        console.print(line, markup=False, highlight=False)
     for v in e["violations"]:
-        console.print(f"[red]end-to-end tolerance violated: {v}[/]")
+        console.print(f"[red]end-to-end bound violated: {v}[/]")
+    fixed = fixed_batch(report)
+    if fixed is not None:
+        console.print(f"[yellow]the saved model takes batch size {fixed} only: the model fixes its batch "
+                      "dimension (it does not run on its example inputs repeated along it)[/]")
+
+
+def fixed_batch(report: dict[str, Any]) -> int | None:
+    """The batch size the saved program is fixed at, or None when it takes any (or has none)."""
+    batch = (report.get("export") or {}).get("batch") or {}
+    return batch.get("size") if batch.get("dynamic") is False else None
 
 
 def print_bench(timings: dict[str, Any], console: Console | None = None) -> None:
@@ -289,9 +390,15 @@ def print_bench(timings: dict[str, Any], console: Console | None = None) -> None
         cells = [f"{us['original']:.1f}", f"{us['fxopt']:.1f}"]
         if compiled:
             cells += [f"{us['original+compile']:.1f}", f"{us['fxopt+compile']:.1f}"]
-        cells += [f"{sp['eager']:.2f}×"] + ([f"{sp['compiled']:.2f}×", f"[bold]{sp['best']:.2f}×[/]"] if compiled else [])
+        mark = "?" if row.get("unreliable") else ""
+        cells += [f"{sp['eager']:.2f}×{mark}"] + ([f"{sp['compiled']:.2f}×{mark}", f"[bold]{sp['best']:.2f}×{mark}[/]"]
+                                                  if compiled else [])
         table.add_row(name, *cells)
     console.print(table)
+    for name, row in rows:
+        if row.get("unreliable"):
+            console.print(f"[yellow]?: {name}: timings unreliable: {row['unreliable']}[/]", highlight=False)
     acc = timings["accuracy"]
     top1 = f" · top-1 agreement {acc['top1_agreement']:.3f}" if acc["top1_agreement"] is not None else ""
-    console.print(f"for: end-to-end cosine {fmt(acc['cosine'], 4)}{top1} (see `fxopt optimize` for the full report)")
+    mine = "".join(f" · {name} {fmt(m['before'])} → {fmt(m['after'])}" for name, m in (timings.get("metrics") or {}).items())
+    console.print(f"for: end-to-end cosine {fmt(acc['cosine'], 4)}{top1}{mine} (see `fxopt optimize` for the full report)")

@@ -19,7 +19,10 @@ A rule file names which layers to rewrite and with what; it holds no code (docs/
         tolerance: {sqnr_db: 3.0}          # max_abs, rel_l2 (≤) · sqnr_db, cosine, recall_at_1/5 (≥)
         require_speedup: 1.2               # keep only if the layer runs ≥ 1.2× faster (measured)
         priority: 0                        # highest wins when several rules match a site
-    end_to_end: {top1_agreement: 0.9}      # whole-model check; --strict fails when violated
+    end_to_end:                            # whole-model checks; --strict fails when one is violated
+      top1_agreement: 0.9                  # output tolerances, as a rule's (against the original's outputs)
+      metrics: {accuracy: {max_drop: 1.0}} # the model file's evaluate(): max_drop (higher is better) or max_rise
+      enforce: true                        # roll back the most harmful sites until every bound holds
 
 A rescale rule file (`fxopt rescale`, fxopt/rescale.py) holds `rescale:` instead of `rules:`, each
 entry with `name`, `match`, `min_kernel` and `priority`; either command refuses the other's file
@@ -30,6 +33,7 @@ Every error names `file:line:column` (positions come from `yaml.compose`, which 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -110,7 +114,9 @@ class Tolerance:
             if limit is None:
                 continue
             if metric not in error:  # not measurable here (e.g. SQNR of outputs filled with −inf)
-                out.append(f"{metric} not measured (needs {_MEASURED_BY[metric]})")
+                degenerate = error.get("degenerate_reference")
+                out.append(f"{metric} not meaningful: the reference output is {degenerate}" if degenerate else
+                           f"{metric} not measured (needs {_MEASURED_BY[metric]})")
                 continue
             if value is None:  # sqnr of an exact match is None (infinite): passes a minimum
                 continue
@@ -146,10 +152,36 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class MetricBound:
+    """A bound on a metric of the user's `evaluate()`: how far it may move the wrong way, in the
+    metric's own units (`max_drop`: higher is better, e.g. accuracy; `max_rise`: lower is better,
+    e.g. perplexity or loss)."""
+
+    name: str
+    limit: float
+    higher_is_better: bool
+    where: str  # "file:line" of the bound, for errors
+
+    def violation(self, before: float, after: float) -> str | None:
+        worse = before - after if self.higher_is_better else after - before
+        if math.isnan(after) or worse > self.limit:
+            key = "max_drop" if self.higher_is_better else "max_rise"
+            return f"{self.name} {before:.4g} → {after:.4g} ({after - before:+.4g}), beyond {key} {self.limit:g}"
+        return None
+
+
+@dataclass(frozen=True)
 class RuleSet:
     source: str
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     end_to_end: Tolerance = Tolerance()  # checked on the whole model's outputs (`--strict`)
+    metrics: tuple[MetricBound, ...] = ()  # bounds on the user's evaluate() metrics
+    enforce: bool = False  # roll back the most harmful sites until every end-to-end bound holds
+
+    @property
+    def bounded(self) -> bool:
+        """True when the rule file bounds the whole model (outputs or metrics)."""
+        return bool(self.metrics or self.end_to_end.as_dict())
 
 
 # --- reading YAML nodes with positions ---------------------------------------------------
@@ -162,14 +194,17 @@ class _Reader:
         mark = node.start_mark
         return RuleError(self.source, mark.line + 1, mark.column + 1, message)
 
-    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...],
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None,
                 required: tuple[str, ...] = ()) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """A mapping's entries by key; `allowed` None: any string key."""
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(node, f"{what} must be a mapping")
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else None
-            if name not in allowed:
+            if name is None and allowed is None:
+                raise self.fail(key, f"keys of {what} must be names")
+            if allowed is not None and name not in allowed:
                 raise self.fail(key, f"unknown key {name!r} in {what} (allowed: {', '.join(allowed)})")
             if name in out:
                 raise self.fail(key, f"duplicate key {name!r} in {what}")
@@ -374,8 +409,40 @@ def parse(text: str, source: str = "<rules>") -> RuleSet:
     r = _Reader(source)
     fields = _root(r, text, ("version", "rules"))
     rules = _list(r, fields["rules"][1], "rules", lambda node, i: _rule(r, node, i))
-    e2e = _tolerance(r, fields["end_to_end"][1], "end_to_end", tuple(METRICS)) if "end_to_end" in fields else Tolerance()
-    return RuleSet(source=source, rules=rules, end_to_end=e2e)
+    if "end_to_end" not in fields:
+        return RuleSet(source=source, rules=rules)
+    return _end_to_end(r, fields["end_to_end"][1], RuleSet(source=source, rules=rules))
+
+
+def _end_to_end(r: _Reader, node: yaml.Node, ruleset: RuleSet) -> RuleSet:
+    """`end_to_end`: output tolerances (as a rule's), `metrics` (bounds on evaluate()'s) and `enforce`."""
+    fields = r.mapping(node, "end_to_end", (*METRICS, "metrics", "enforce"))
+    bounds, enforce = (), False
+    if "metrics" in fields:
+        bounds = tuple(_metric_bound(r, key, value) for key, value in
+                       r.mapping(fields["metrics"][1], "end_to_end.metrics", None).values())
+    if "enforce" in fields:
+        enforce = r.scalar(fields["enforce"][1], "end_to_end.enforce", bool)
+    outputs = {k: v for k, v in node.value if k.value in METRICS}
+    tolerance = _tolerance(r, yaml.MappingNode(node.tag, list(outputs.items()), node.start_mark, node.end_mark),
+                           "end_to_end", tuple(METRICS))
+    if enforce and not (bounds or tolerance.as_dict()):
+        raise r.fail(fields["enforce"][1], "end_to_end.enforce needs a bound to enforce (a metric in "
+                                           "end_to_end.metrics, or an output tolerance such as top1_agreement)")
+    return replace(ruleset, end_to_end=tolerance, metrics=bounds, enforce=enforce)
+
+
+def _metric_bound(r: _Reader, key: yaml.Node, node: yaml.Node) -> MetricBound:
+    name = r.scalar(key, "a metric name", str)
+    what = f"end_to_end.metrics.{name}"
+    fields = r.mapping(node, what, ("max_drop", "max_rise"))
+    if len(fields) != 1:
+        raise r.fail(node, f"{what} needs exactly one of max_drop (higher is better) or max_rise (lower is better)")
+    (kind, (_, value)), = fields.items()
+    limit = r.scalar(value, f"{what}.{kind}", float)
+    if not limit >= 0:
+        raise r.fail(value, f"{what}.{kind} must be ≥ 0, got {limit:g}")
+    return MetricBound(name, limit, kind == "max_drop", f"{r.source}:{key.start_mark.line + 1}")
 
 
 # --- rescale rules (fxopt.rescale): which convolutions get smaller kernels -----------------------

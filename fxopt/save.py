@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -103,11 +104,13 @@ def write_json(path: str | Path, data) -> None:
 def save(result, out_dir: str | Path) -> Path:
     """Write `result` (an fxopt.Result) into `out_dir` atomically; returns the folder."""
     from .html import report_page
-    from .report import markdown
+    from .report import fixed_batch, markdown
 
     report = _json_safe(result.report)
+    fixed = fixed_batch(report)
     return write_result(out_dir, result.program, report, {"report.md": markdown(result.report),
-                                                          "report.html": report_page(report)})
+                                                          "report.html": report_page(report)},
+                        **({"fixed_batch": fixed} if fixed is not None else {}))
 
 
 def write_result(out_dir: str | Path, program: torch.export.ExportedProgram, report: dict,
@@ -130,6 +133,7 @@ def write_result(out_dir: str | Path, program: torch.export.ExportedProgram, rep
 def load(path: str | Path) -> nn.Module:
     """Load a saved result (its folder, or its model.pt2) as a runnable module."""
     path = Path(path)
+    info: dict = {}
     if path.is_dir():
         manifest = path / MANIFEST
         if not manifest.is_file():
@@ -147,7 +151,40 @@ def load(path: str | Path) -> nn.Module:
         program = torch.export.load(path)
     except Exception as exc:
         raise OutputError(f"{path}: cannot load exported program: {type(exc).__name__}: {exc}") from None
-    return program.module()
+    fixed = info.get("fixed_batch")
+    return FixedBatch(inference_module(program), fixed, path) if fixed is not None else inference_module(program)
+
+
+def inference_module(program: torch.export.ExportedProgram) -> nn.Module:
+    """`program.module()` that takes `eval()` (a no-op: the program was exported for inference), so
+    that evaluation code written for the original model runs on it; `train()` says why it cannot."""
+    module = program.module()
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise NotImplementedError("an fxopt result is an inference program (exported in eval mode); "
+                                      "train the original model, or the substitutes before export")
+        return self
+
+    module.train = types.MethodType(train, module)
+    del module.eval  # nn.Module.eval calls train(False)
+    return module
+
+
+class FixedBatch(nn.Module):
+    """A loaded program whose batch dimension the model fixed: any other batch size gets an error
+    that says so, instead of torch.export's guard message."""
+
+    def __init__(self, program: nn.Module, size: int, path: Path):
+        super().__init__()
+        self.program, self.size, self.path = program, size, str(path)
+
+    def forward(self, *args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
+        if first is not None and first.shape[0] != self.size:
+            raise ValueError(f"{self.path}: this model was saved with its batch size fixed at {self.size} (the model "
+                             f"fixes it; see report.json export.batch); got a batch of {first.shape[0]}")
+        return self.program(*args, **kwargs)
 
 
 def load_report(path: str | Path) -> dict:

@@ -42,6 +42,7 @@ class ModelSpec:
     model: nn.Module
     example_inputs: tuple
     calibration_data: Callable[[], Iterable[Any]] | None
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # the user's metric (fxopt/budget.py)
 
 
 @dataclass
@@ -72,7 +73,8 @@ def import_model_file(path: str | Path) -> ModuleType:
 
 
 def load_model_file(path: str | Path) -> ModelSpec:
-    """Import MODEL.py and collect `model`/`build_model()`, `example_inputs()`, `calibration_data()`."""
+    """Import MODEL.py and collect `model`/`build_model()`, `example_inputs()`, `calibration_data()`
+    and `evaluate(model)`."""
     path = Path(path)
     module = import_model_file(path)
     if hasattr(module, "build_model"):
@@ -95,7 +97,10 @@ def load_model_file(path: str | Path) -> ModelSpec:
     calib = getattr(module, "calibration_data", None)
     if calib is not None and not callable(calib):
         raise ModelFileError(f"{path}: `calibration_data` must be a function yielding input tuples")
-    return ModelSpec(path, model, tuple(inputs), calib)
+    evaluate = getattr(module, "evaluate", None)
+    if evaluate is not None and not callable(evaluate):
+        raise ModelFileError(f"{path}: `evaluate` must be a function evaluate(model) -> dict of metrics")
+    return ModelSpec(path, model, tuple(inputs), calib, evaluate)
 
 
 def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") -> Traced:
@@ -129,20 +134,83 @@ def trace(model: nn.Module, example_inputs: tuple, source: str = "the model") ->
 
 def export_program(module: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """Non-strict torch.export with the batch (first) dimension of every input left dynamic
-    wherever the model allows it."""
+    wherever the model allows it.
+
+    torch.export specialises a dimension of size 1, so where an input's first dimension is 1 the
+    program is exported on the inputs repeated twice along it, and kept when it runs the example
+    inputs themselves and agrees with `module` on them; otherwise (a model that fixes its batch,
+    e.g. `x.view(1, -1)`) it is exported on the example inputs as they are. `batch_size` says
+    which one came out."""
     dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
-    return torch.export.export(module, tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
+    doubled = doubled_batch(example_inputs)
+    if doubled is not None:
+        try:
+            with _quiet():
+                program = torch.export.export(module, doubled, strict=False, dynamic_shapes=dynamic)
+            if _agrees(module, program.module(), example_inputs):
+                return program
+        except Exception:  # the first dimension is not a free batch one: export as given below
+            pass
+    with _quiet():  # torch logs the specialisation the report states (export.batch)
+        return torch.export.export(module, tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
+
+
+def doubled_batch(example_inputs: tuple) -> tuple | None:
+    """The inputs with every first dimension of 1 repeated twice, or None when there is none."""
+    if not any(t.dim() and t.shape[0] == 1 for t in example_inputs):
+        return None
+    return tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
+
+
+@torch.no_grad()
+def _agrees(module: nn.Module, exported: nn.Module, inputs: tuple) -> bool:
+    from torch.utils._pytree import tree_leaves
+
+    ref, out = tree_leaves(module(*inputs)), tree_leaves(exported(*inputs))
+    if len(ref) != len(out):
+        return False
+    for r, o in zip(ref, out):
+        if isinstance(r, torch.Tensor):
+            if not isinstance(o, torch.Tensor) or r.shape != o.shape:
+                return False
+            if r.is_floating_point() and r.numel():
+                scale = r.abs().max().item()
+                if not torch.allclose(r, o, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
+                    return False
+            elif not torch.equal(r, o):
+                return False
+    return True
+
+
+def batch_size(program: torch.export.ExportedProgram) -> dict[str, Any]:
+    """{"dynamic": True} when the program takes any batch size; {"dynamic": False, "size": n} when
+    its first input's first dimension is fixed at n; {"dynamic": None} for inputs without one."""
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in _user_inputs(program):
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim():
+            size = val.shape[0]
+            return {"dynamic": True} if isinstance(size, torch.SymInt) else {"dynamic": False, "size": int(size)}
+    return {"dynamic": None}
+
+
+def _user_inputs(program: torch.export.ExportedProgram) -> set[str]:
+    from torch.export.graph_signature import InputKind
+
+    return {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
 
 
 @contextmanager
 def _quiet():
+    level = logging.root.manager.disable  # nested use leaves the outer level in place
     logging.disable(logging.CRITICAL)
     try:  # torch.export also print()s the partial graph to stderr when it fails
         with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(level)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -187,8 +255,8 @@ def _expand_attention(gm: fx.GraphModule, example_inputs: tuple,
     a run on that input repeated twice, when the model accepts it."""
     if not values:
         return [], []
-    doubled = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
-    if any(d is not t for d, t in zip(doubled, example_inputs)):
+    doubled = doubled_batch(example_inputs)
+    if doubled is not None:
         try:
             values = _propagate_shapes(gm, doubled, record=False)
         except Exception:  # the first dimension is not a batch one: keep the example's values
@@ -270,4 +338,4 @@ def load_calibration_file(path: str | Path, batch_size: int, limit: int | None =
     return batches[:limit] if limit is not None else batches
 
 
-__all__ = ["ModelSpec", "Traced", "load_model_file", "trace", "calibration_batches", "load_calibration_file"]
+__all__ = ["ModelSpec", "Traced", "load_model_file", "trace", "export_program", "batch_size", "calibration_batches", "load_calibration_file"]

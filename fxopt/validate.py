@@ -22,21 +22,28 @@ promises instead (`RecallStats`):
 
 End to end, outputs filled with −inf where the original's are finite have no meaningful SQNR or
 relative error: those metrics are left out (a tolerance on them is then violated, never passed
-silently) and top-1 agreement is still measured. NaN anywhere is a failure.
+silently) and top-1 agreement is still measured. NaN anywhere is a failure. A reference that is
+numerically zero (|ref| ≤ 1e-10 everywhere: e.g. a randomly initialised network whose activations
+vanish) or constant anchors no relative metric: unless the outputs agree exactly, only `max_abs`
+is kept, with `degenerate_reference` saying why (again, a tolerance on the others is violated).
+A model with several outputs (tuple, dict) gets each output's metrics too (`outputs`).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 
 from .match import Site
 from .substitutes import Substitute
+
+
+ZERO = 1e-10  # a reference whose largest magnitude is at most this is numerically zero (fp32 noise)
 
 
 class ErrorStats:
@@ -48,6 +55,7 @@ class ErrorStats:
         self.agree = self.rows = 0
         self.nonfinite = False  # NaN or ±inf where the reference is finite (but not the −inf fill below)
         self.filled = False  # −inf where the reference is finite: outputs a sparse substitute did not compute
+        self.ref_min, self.ref_max, self.ref_count = math.inf, -math.inf, 0  # finite reference values seen
 
     def update(self, ref: torch.Tensor, out: torch.Tensor, classifier: bool = False) -> None:
         if ref.shape != out.shape:
@@ -56,6 +64,11 @@ class ErrorStats:
         if classifier:
             self.agree += (r.argmax(-1) == o.argmax(-1)).sum().item()
             self.rows += r.shape[0]
+        finite = r[torch.isfinite(r)]
+        if finite.numel():
+            self.ref_min = min(self.ref_min, finite.min().item())
+            self.ref_max = max(self.ref_max, finite.max().item())
+            self.ref_count += finite.numel()
         bad = ~torch.isfinite(o) & torch.isfinite(r)
         if bad.any():
             filled = bad & (o == -math.inf)
@@ -69,18 +82,33 @@ class ErrorStats:
         self.dot += (r * o).sum().item()
         self.max_abs = max(self.max_abs, d.abs().max().item() if d.numel() else 0.0)
 
-    def metrics(self) -> dict[str, float | None]:
+    def degenerate(self) -> str | None:
+        """Why the reference cannot anchor relative metrics: numerically zero or constant, or None."""
+        if not self.ref_count:
+            return None
+        scale = max(abs(self.ref_min), abs(self.ref_max))
+        if scale <= ZERO:
+            return f"numerically zero (max |reference| {scale:.2g})"
+        if self.ref_count > 1 and self.ref_max - self.ref_min <= 1e-6 * scale:
+            return f"constant ({self.ref_min:.4g})"
+        return None
+
+    def metrics(self) -> dict[str, float | str | None]:
         top1 = {"top1_agreement": self.agree / self.rows} if self.rows else {}
         if self.nonfinite:
             nan = float("nan")
             return {"max_abs": nan, "rel_l2": nan, "sqnr_db": nan, "cosine": nan}
         if self.filled:
             return top1
+        degenerate = self.degenerate()
+        if degenerate and self.diff_sq > 0:  # relative to nothing: only the absolute error means something
+            return {"max_abs": self.max_abs, "degenerate_reference": degenerate}
         rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else (0.0 if self.diff_sq == 0 else math.inf)
         sqnr = None if self.diff_sq == 0 else (10 * math.log10(self.ref_sq / self.diff_sq) if self.ref_sq > 0 else -math.inf)
         norms = math.sqrt(self.ref_sq * self.out_sq)
         cosine = self.dot / norms if norms > 0 else (1.0 if self.diff_sq == 0 else 0.0)
-        return {"max_abs": self.max_abs, "rel_l2": rel, "sqnr_db": sqnr, "cosine": cosine} | top1
+        flag = {"degenerate_reference": degenerate} if degenerate else {}
+        return {"max_abs": self.max_abs, "rel_l2": rel, "sqnr_db": sqnr, "cosine": cosine} | top1 | flag
 
 
 class RecallStats:
@@ -157,13 +185,28 @@ def is_classifier_output(value) -> bool:
 
 
 @torch.no_grad()
-def end_to_end(original: nn.Module, rewritten: nn.Module, batches: Iterable[tuple]) -> dict[str, float | None]:
-    """Error of the rewritten model's outputs against the original model's, over all batches."""
-    stats = ErrorStats()
+def end_to_end(original: nn.Module, rewritten: nn.Module, batches: Iterable[tuple]) -> dict[str, Any]:
+    """Error of the rewritten model's outputs against the original model's, over all batches:
+    the aggregate metrics over every floating-point output, and, when the model returns more than
+    one, `outputs`: each one's own metrics under its name (`[0]`, `['boxes']`, …)."""
+    total, per = ErrorStats(), {}
     with eval_mode(original):
         for batch in batches:
-            _compare(stats, tree_leaves(original(*batch)), tree_leaves(rewritten(*batch)))
-    return stats.metrics()
+            ref, spec = tree_flatten_with_path(original(*batch))
+            out = tree_leaves(rewritten(*batch))
+            if len(ref) != len(out):
+                raise ValueError(f"the rewritten model returns {len(out)} outputs, the original {len(ref)}")
+            floats = [(keystr(path) or "output", r, o) for (path, r), o in zip(ref, out)
+                      if isinstance(r, torch.Tensor) and r.is_floating_point()]
+            classifier = len(ref) == 1 and is_classifier_output(ref[0][1])
+            for name, r, o in floats:
+                total.update(r, o, classifier)
+                if len(floats) > 1:
+                    per.setdefault(name, ErrorStats()).update(r, o, is_classifier_output(r))
+    metrics: dict[str, Any] = total.metrics()
+    if per:
+        metrics["outputs"] = [{"name": name, **stats.metrics()} for name, stats in per.items()]
+    return metrics
 
 
 @contextmanager
@@ -181,12 +224,3 @@ def eval_mode(model: nn.Module):
     finally:
         for m, training in modes:
             m.training = training
-
-
-def _compare(stats: ErrorStats, ref: list, out: list) -> None:
-    if len(ref) != len(out):
-        raise ValueError(f"the rewritten model returns {len(out)} outputs, the original {len(ref)}")
-    classifier = len(ref) == 1 and is_classifier_output(ref[0])
-    for r, o in zip(ref, out):
-        if isinstance(r, torch.Tensor) and r.is_floating_point():
-            stats.update(r, o, classifier)

@@ -57,3 +57,51 @@ def test_ungated_sites_are_timed_and_slower_ones_flagged():
 def test_require_speedup_errors_name_the_line(value, message):
     with pytest.raises(RuleError, match=rf"<rules>:5:\d+: .*{message}"):
         rules(f"    require_speedup: {value}\n", params="{rank: 1}")
+
+
+def _scripted(monkeypatch, script):
+    """median_seconds returns the scripted figures in turn (an injected slow run), the last forever."""
+    from fxopt import timing
+
+    calls = iter(script)
+    last = [script[-1]]
+
+    def fake(fn, args, min_run_time):
+        try:
+            last[0] = next(calls)
+        except StopIteration:
+            pass
+        return last[0]
+    monkeypatch.setattr(timing, "median_seconds", fake)
+
+
+def test_an_injected_slow_run_is_retimed_and_does_not_decide_the_site(monkeypatch):
+    # rounds alternate original, substitute: the first attempt's second original round is 50x slow
+    first = [1e-3, 1e-3, 50e-3, 1e-3, 1e-3, 1e-3]  # original 1 ms, substitute 1 ms, with one outlier
+    _scripted(monkeypatch, first + [1e-3] * 60)
+    from fxopt.timing import measure
+
+    t = measure({"original": lambda x: x, "substitute": lambda x: x}, (torch.zeros(1),), 3, 0.01)
+    assert t.retimed == 1 and t.unreliable is None and t.seconds["original"] == 1e-3
+
+
+def test_a_figure_that_stays_inconsistent_is_marked_unreliable(monkeypatch):
+    _scripted(monkeypatch, [1e-3, 1e-3, 9e-3, 1e-3] * 40)
+    model, x = model_and_input()
+    result = fxopt.optimize(model, x, rules("", "{compression: 4}"))
+    lat = [s["latency"] for s in result.report["sites"] if s["latency"]]
+    assert lat and all("varied" in s["unreliable"] and s["retimed"] == 2 for s in lat)
+    assert "unreliable" in fxopt.report.markdown(result.report)
+
+
+def test_a_speedup_far_beyond_the_flop_ratio_is_retimed(monkeypatch):
+    from fxopt.gate import site_latency
+    from fxopt.match import find_sites
+    from fxopt.trace import trace
+
+    model, x = model_and_input()
+    site = find_sites(trace(model, x).gm)[0]
+    # the substitute timed 100x faster at first (an outlier), then as fast as the original
+    _scripted(monkeypatch, [1e-3, 1e-5] * 3 + [1e-3] * 60)
+    lat = site_latency(site, site.module, flop_ratio=2.0)
+    assert lat["retimed"] == 1 and lat["speedup"] == 1.0 and "unreliable" not in lat

@@ -1,0 +1,136 @@
+"""The user's metric (evaluate()) in every report, bounds on it, and the accuracy budget: sites
+rolled back, most harmful first as measured, until the bounds hold. On the trained demo model
+(examples/digits.py: held-out accuracy of a digit classifier)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from conftest import ROOT, load_example
+from fxopt import budget, rules
+from fxopt.errors import FxoptError
+from fxopt.trace import load_model_file
+
+DIGITS = ROOT / "examples" / "digits.py"
+
+
+def lowrank(ratio, e2e, tolerance=""):
+    return rules.parse(
+        "version: 1\nrules:\n  - {match: {op: linear, in_features: {min: 64}, out_features: {min: 128}}, "
+        f"substitute: lowrank, params: {{max_flops_ratio: {ratio}}}{tolerance}}}\n"
+        f"end_to_end: {e2e}\n", "budget.yaml")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_model_file(DIGITS)
+
+
+def run(spec, ruleset, **kw):
+    return fxopt.optimize(spec.model, spec.example_inputs, ruleset, calibration=list(spec.calibration_data()),
+                          evaluate=spec.evaluate, time_sites=False, **kw)
+
+
+def test_the_metric_is_measured_on_the_original_and_the_saved_model(digits, tmp_path):
+    result = run(digits, lowrank(0.25, "{metrics: {accuracy: {max_drop: 1.0}}}"))
+    m = result.report["end_to_end"]["metrics"]["accuracy"]
+    assert m["before"] == pytest.approx(digits.evaluate(digits.model)["accuracy"])
+    out = result.save(tmp_path / "out")
+    assert m["after"] == pytest.approx(digits.evaluate(fxopt.load(out))["accuracy"])  # the saved program's
+    assert m["change"] == pytest.approx(m["after"] - m["before"])
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["end_to_end"]["metric_bounds"] == {"accuracy": {"max_drop": 1.0}}
+    assert "accuracy" in (out / "report.md").read_text() and "accuracy" in (out / "report.html").read_text()
+
+
+def test_a_violated_metric_bound_is_reported_and_without_enforce_nothing_is_rolled_back(digits):
+    result = run(digits, lowrank(0.015, "{metrics: {accuracy: {max_drop: 1.0}}}"))
+    e = result.report["end_to_end"]
+    assert any(v.startswith("accuracy ") and "beyond max_drop 1" in v for v in e["violations"])
+    assert result.report["totals"]["over_budget"] == 0 and result.report["budget"] is None
+
+
+def test_enforce_rolls_back_the_most_harmful_sites_until_the_budget_holds(digits):
+    result = run(digits, lowrank(0.03, "{metrics: {accuracy: {max_drop: 1.0}}, enforce: true}"))
+    report = result.report
+    b, m = report["budget"], report["end_to_end"]["metrics"]["accuracy"]
+    assert b["violations_before"] and b["met"] and report["end_to_end"]["violations"] == []
+    assert m["before"] - m["after"] <= 1.0
+    over = [s for s in report["sites"] if s["status"] == "over_budget"]
+    assert {s["key"] for s in over} == set(b["rolled_back"]) and over
+    assert all(s["reason"].startswith("accuracy budget: rolled back") for s in over)
+    assert any(s["status"] == "applied" for s in report["sites"])  # not everything went back
+    harm = {p["sites"][0]: p["harm"] for p in b["probes"]}
+    worst = max(harm, key=harm.get)
+    assert worst in b["rolled_back"]  # the most harmful site, as measured, went back
+
+
+def test_enforce_without_evaluate_bounds_top1_agreement():
+    ex = load_example("mlp")
+    model = ex.build_model()
+    ruleset = rules.parse("version: 1\nrules:\n  - {substitute: kron, params: {compression: 64}}\n"
+                          "end_to_end: {top1_agreement: 0.9, enforce: true}\n", "t.yaml")
+    result = fxopt.optimize(model, ex.example_inputs(), ruleset, calibration=list(ex.calibration_data()),
+                            time_sites=False)
+    e, b = result.report["end_to_end"], result.report["budget"]
+    assert e["top1_agreement"] >= 0.9 and e["violations"] == []
+    assert b["met"] and b["evaluations"] >= 1
+
+
+def test_search_order_and_retry_on_a_measured_toy():
+    """Three switchable sites whose harms add up: the search rolls back the most harmful, and puts
+    back a rolled-back one the budget can afford."""
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sites = [type("S", (), {"key": k})() for k in "abc"]
+            self.on = set("abc")
+
+    cost = {"a": 5.0, "b": 1.0, "c": 3.0}
+
+    def measure(toy):  # the loss of accuracy: the sum of the sites left on; allowed: 4
+        loss = sum(cost[k] for k in toy.on)
+        return (["over"] if loss > 4 else []), {"metric:acc": (4 - loss) / 4}
+
+    found = budget.search(Toy(), measure)
+    assert found.met and found.rolled_back == ["a"]  # a alone brings 9 → 4
+    assert [p["sites"] for p in found.probes] == [["a"], ["b"], ["c"]]
+
+
+def test_metric_errors_are_one_line_naming_the_cause(digits):
+    with pytest.raises(FxoptError, match="budget.yaml:4: end_to_end.metrics bounds 'f1', but evaluate\\(\\) returns only accuracy"):
+        run(digits, lowrank(0.25, "{metrics: {f1: {max_drop: 1.0}}}"))
+    with pytest.raises(FxoptError, match="bounds 'accuracy', but the model defines no evaluate"):
+        fxopt.optimize(digits.model, digits.example_inputs, lowrank(0.25, "{metrics: {accuracy: {max_drop: 1}}}"))
+    with pytest.raises(FxoptError, match="evaluate\\(\\) failed on the original model: .*ZeroDivisionError"):
+        fxopt.optimize(digits.model, digits.example_inputs, "lowrank", evaluate=lambda m: 1 / 0)
+    with pytest.raises(FxoptError, match="must return a dict of metric name → number; 'acc' is str"):
+        fxopt.optimize(digits.model, digits.example_inputs, "lowrank", evaluate=lambda m: {"acc": "high"})
+
+
+def test_the_saved_model_takes_eval_but_refuses_train(digits, tmp_path):
+    result = run(digits, lowrank(0.25, "{metrics: {accuracy: {max_drop: 1.0}}}"))
+    loaded = fxopt.load(result.save(tmp_path / "out"))
+    assert loaded.eval() is loaded
+    with pytest.raises(NotImplementedError, match="inference program"):
+        loaded.train()
+    x = digits.example_inputs[0]
+    torch.testing.assert_close(loaded(x), result.model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_prints_the_metric_and_strict_fails_on_its_bound(tmp_path):
+    from typer.testing import CliRunner
+
+    from fxopt.console.cli import app
+
+    rule_file = tmp_path / "r.yaml"
+    rule_file.write_text("version: 1\nrules:\n  - {match: {op: linear, in_features: {min: 128}}, substitute: lowrank, "
+                         "params: {max_flops_ratio: 0.015}}\nend_to_end: {metrics: {accuracy: {max_drop: 0.5}}}\n")
+    result = CliRunner().invoke(app, ["optimize", str(DIGITS), "--rules", str(rule_file), "--out",
+                                      str(tmp_path / "out"), "--no-time-sites", "--strict"])
+    assert result.exit_code == 2, result.output
+    assert "your metric: accuracy 98.22 →" in result.output.replace("\n", " ")
+    assert "--strict:" in result.output and "beyond max_drop 0.5" in result.output
