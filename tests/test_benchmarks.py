@@ -111,3 +111,15 @@ def test_minilm_recovery_runs_end_to_end(tmp_path):
         assert r["sites"]["applied"] == expected and r["sites"]["unused"] == 1  # the pooler is unused
         assert r["site_params_ratio"] >= 2.0 and -1 <= r["heldout_cosine_min"] <= r["heldout_cosine_mean"] <= 1
     assert rows[1]["heldout_cosine_mean"] > rows[0]["heldout_cosine_mean"] + 0.2  # the fit to the inputs
+
+
+@pytest.mark.slow
+def test_budget_experiment_runs_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "budget_digits.py"), "--out", str(out),
+                    "--ratios", "0.0625"], check=True, capture_output=True, cwd=tmp_path)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["search"]["drop"] <= 1.0 and row["search"]["evaluations"] >= 1
+    assert set(row["tolerances"]) == {str(c) for c in json.loads(out.read_text())["cosines"]}
+    if row["best"] is not None:
+        assert row["best"]["drop"] <= 1.0

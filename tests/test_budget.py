@@ -134,3 +134,21 @@ def test_cli_prints_the_metric_and_strict_fails_on_its_bound(tmp_path):
     assert result.exit_code == 2, result.output
     assert "your metric: accuracy 98.22 →" in result.output.replace("\n", " ")
     assert "--strict:" in result.output and "beyond max_drop 0.5" in result.output
+
+
+def test_the_demo_keeps_accuracy_within_one_point_and_is_smaller(digits):
+    result = run(digits, rules.load(ROOT / "examples" / "digits.yaml"))
+    e = result.report["end_to_end"]
+    assert e["metrics"]["accuracy"]["before"] >= 95  # a trained model, measured on held-out images
+    assert e["metrics"]["accuracy"]["change"] >= -1.0 and e["violations"] == []
+    assert e["params_before"] / e["params_after"] >= 4
+
+
+@pytest.mark.slow
+def test_the_demo_is_faster_best_against_best(digits):
+    from fxopt.bench import bench
+
+    timings = bench(digits.model, digits.example_inputs, rules.load(ROOT / "examples" / "digits.yaml"),
+                    calibration=list(digits.calibration_data()), evaluate=digits.evaluate, rounds=3, min_run_time=0.1)
+    assert timings["end_to_end"]["speedup"]["best"] > 1.2
+    assert timings["metrics"]["accuracy"]["change"] >= -1.0
