@@ -356,9 +356,10 @@ def enforce_budget(model: nn.Module, gm: fx.GraphModule, accepted: list[tuple[Si
 
     def measure(candidate: nn.Module) -> tuple[list[str], dict[str, float]]:
         e2e = end_to_end(model, candidate, batches) if outputs else {}
-        after = run_evaluate(evaluate, candidate, "a candidate of the budget search") if evaluate else None
+        metrics = evaluate is not None and bool(ruleset.metrics)  # evaluate() only where a bound reads it
+        after = run_evaluate(evaluate, candidate, "a candidate of the budget search") if metrics else None
         violations = ruleset.end_to_end.violations(e2e) if outputs else []
-        if evaluate is not None:
+        if metrics:
             violations += metric_violations(ruleset, before, after)
         return violations, budget.slack(ruleset, e2e, before, after)
 

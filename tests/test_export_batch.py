@@ -8,18 +8,20 @@ import torch
 from torch import nn
 
 import fxopt
+from fxopt.rules import parse
 from fxopt.trace import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [("mlp", "kron"), ("cnn", "bottleneck"), ("cnn_large_kernels", "binary"), ("transformer", "lowrank"),
-            ("xc", "wta_hash")]
+            ("xc", "wta_hash"), ("digits", "lowrank")]
 
 
 @pytest.mark.parametrize("example,rules", EXAMPLES)
 def test_batch_one_example_saves_a_model_taking_any_batch(example, rules, tmp_path):
     spec = load_model_file(ROOT / "examples" / f"{example}.py")
     one = tuple(t[:1] for t in spec.example_inputs)
-    result = fxopt.optimize(spec.model, one, rules, time_sites=False)
+    plain = parse(f"version: 1\nrules:\n  - {{substitute: {rules}}}\n", "plain.yaml")  # no tolerance, no gate
+    result = fxopt.optimize(spec.model, one, plain, time_sites=False)
     assert result.report["export"]["batch"] == {"dynamic": True}
     assert result.report["totals"]["applied"] > 0
     loaded = fxopt.load(result.save(tmp_path / "out"))
