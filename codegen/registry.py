@@ -10,7 +10,8 @@
 
 Set it with the environment variable `FXOPT_BACKEND` or, in Python, `use_backend("torch")` (a
 context manager). Every kernel op and every substitute that calls one chooses with
-`pick(tensor, triton_implementation, torch_implementation)` and nothing else.
+`pick(tensor, triton_implementation, torch_implementation)`; `wants_triton` itself is asked only
+where a whole strategy differs (wta_hash's CPU band tables).
 """
 
 from __future__ import annotations

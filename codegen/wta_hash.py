@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import HAVE_TRITON, interpreted, wants_triton
+from .registry import HAVE_TRITON, interpreted, pick, wants_triton
 
 _CHUNK = 1 << 24  # elements of a temporary in the references: bounds their memory for wide layers
 
@@ -259,7 +259,7 @@ def gathered_grad_input_triton(grad: torch.Tensor, weight: torch.Tensor, rows: t
 def wta_codes(x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     """(N, L) int64 WTA codes of the rows of x (N, D) for windows (L, K) of coordinate indices."""
     _check_2d("wta_codes", x=x, windows=windows)
-    return wta_codes_triton(x, windows) if wants_triton(x) else wta_codes_reference(x, windows)
+    return pick(x, wta_codes_triton, wta_codes_reference)(x, windows)
 
 
 @wta_codes.register_fake
@@ -274,9 +274,7 @@ def collision_counts(qkeys: torch.Tensor, row_keys: torch.Tensor) -> torch.Tenso
     if qkeys.shape[1] != row_keys.shape[1] or qkeys.dtype != row_keys.dtype:
         raise ValueError(f"collision_counts: qkeys {tuple(qkeys.shape)} {qkeys.dtype} and row_keys "
                          f"{tuple(row_keys.shape)} {row_keys.dtype} need the same number of bands and dtype")
-    if wants_triton(qkeys):
-        return collision_counts_triton(qkeys, row_keys)
-    return collision_counts_reference(qkeys, row_keys)
+    return pick(qkeys, collision_counts_triton, collision_counts_reference)(qkeys, row_keys)
 
 
 @collision_counts.register_fake
@@ -356,9 +354,7 @@ def gathered_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if x.shape[1] != weight.shape[1] or rows.shape[0] != x.shape[0]:
         raise ValueError(f"gathered_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, rows {tuple(rows.shape)} "
                          "do not fit")
-    if wants_triton(x):
-        return gathered_linear_triton(x, weight, bias, rows)
-    return gathered_linear_reference(x, weight, bias, rows)
+    return pick(x, gathered_linear_triton, gathered_linear_reference)(x, weight, bias, rows)
 
 
 @gathered_linear.register_fake
@@ -378,8 +374,7 @@ def _backward(ctx, grad):
     grad = grad.contiguous()
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = (gathered_grad_input_triton(grad, weight, rows) if wants_triton(grad)
-                  else gathered_grad_input_reference(grad, weight, rows))
+        grad_x = pick(grad, gathered_grad_input_triton, gathered_grad_input_reference)(grad, weight, rows)
     index = rows.reshape(1, -1)
     if ctx.needs_input_grad[1]:
         values = (grad.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, x.shape[1]).to(weight.dtype)

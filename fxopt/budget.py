@@ -185,19 +185,8 @@ def _units(keys: list[str]) -> list[list[str]]:
 
 def slack(ruleset: rules_mod.RuleSet, e2e: dict[str, Any], before: dict[str, float] | None,
           after: dict[str, float] | None) -> dict[str, float]:
-    """How far each bound is from failing (positive: it holds), in units that rank harm: a metric
-    bound's slack over its allowance, an output tolerance's over its own scale."""
-    out = {}
-    for b in ruleset.metrics:
-        value = (after or {}).get(b.name, math.nan)
-        worse = before[b.name] - value if b.higher_is_better else value - before[b.name]
-        out[f"metric:{b.name}"] = (b.limit - worse) / max(b.limit, 1e-9) if not math.isnan(worse) else -math.inf
-    for metric, limit in ruleset.end_to_end.as_dict().items():
-        value = e2e.get(metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            out[metric] = -math.inf if metric not in e2e or value is not None else math.inf  # None: exact SQNR
-            continue
-        kind = rules_mod.METRICS[metric]
-        scale = max(abs(limit), 1e-9) if metric in ("max_abs", "rel_l2") else 1.0
-        out[metric] = (limit - value if kind == "max" else value - limit) / scale
-    return out
+    """How far each end-to-end bound is from failing (positive: it holds), in units that rank harm
+    (rules.MetricBound.slack, rules.Tolerance.slack)."""
+    metrics = {f"metric:{b.name}": b.slack(before[b.name], (after or {}).get(b.name, math.nan))
+               for b in ruleset.metrics}
+    return metrics | ruleset.end_to_end.slack(e2e)

@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .match import Site
-from .substitutes import constrain_
+from .substitutes import Substitute, constrain_
 from .validate import Recorder, eval_mode
 
 LOSSES = ("mse", "cosine")
@@ -130,7 +130,7 @@ def fit_to_inputs(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module
     """Substitutes with a closed-form fit to their inputs (`fit_inputs(original layer, Gram
     matrix)`: lowrank) take it before the gradient steps: one pass over the batches accumulates
     each site's input Gram matrix X·Xᵀ (in × in, float64), then each substitute refits."""
-    fitting = [(site, m) for site, m in candidates if hasattr(m, "fit_inputs")]
+    fitting = [(site, m) for site, m in candidates if isinstance(m, Substitute) and m.fits_inputs]
     if not fitting:
         return
     grams: dict[str, torch.Tensor] = {}

@@ -353,10 +353,10 @@ def enforce_budget(model: nn.Module, gm: fx.GraphModule, accepted: list[tuple[Si
     """The accuracy budget (fxopt/budget.py): the accepted sites less those rolled back, most
     harmful first, until every end-to-end bound holds; those get status `over_budget`."""
     outputs = bool(ruleset.end_to_end.as_dict())
+    metrics = bool(ruleset.metrics)  # evaluate() only where a bound reads it (check_bounded: then it exists)
 
     def measure(candidate: nn.Module) -> tuple[list[str], dict[str, float]]:
         e2e = end_to_end(model, candidate, batches) if outputs else {}
-        metrics = evaluate is not None and bool(ruleset.metrics)  # evaluate() only where a bound reads it
         after = run_evaluate(evaluate, candidate, "a candidate of the budget search") if metrics else None
         violations = ruleset.end_to_end.violations(e2e) if outputs else []
         if metrics:

@@ -128,7 +128,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"· skipped {t['skipped']}" + (f" · unused {t['unused']}" if t.get("unused") else "")
         + (f" · over budget {t['over_budget']}" if t.get("over_budget") else ""),
         *_training_lines(report),
-        *_budget_lines(report),
+        *(["", line] if (line := budget_line(report)) else []),
         *_slower_lines(t),
         "",
         "## End to end",
@@ -193,16 +193,17 @@ def _metric_table(e: dict[str, Any]) -> list[str]:
     return ["Your metrics (`evaluate()`), original → saved model:", "", *(f"- {line}" for line in lines), ""]
 
 
-def _budget_lines(report: dict[str, Any]) -> list[str]:
+def budget_line(report: dict[str, Any]) -> str | None:
+    """What the accuracy-budget search did, in a sentence (None when it was not asked for)."""
     b = report.get("budget")
     if not b:
-        return []
+        return None
     if not b["violations_before"]:
-        return ["", f"Accuracy budget: every bound held with all sites applied (1 evaluation, {b['seconds']:.1f} s)."]
+        return f"Accuracy budget: every bound held with all sites applied (1 evaluation, {b['seconds']:.1f} s)."
     outcome = "every bound holds" if b["met"] else "the bounds still fail: " + "; ".join(b["violations_after"])
-    return ["", f"Accuracy budget: {len(b['rolled_back'])} site(s) rolled back, most harmful first "
-                f"({', '.join(b['rolled_back']) or 'none'}); {len(b['retried'])} re-applied after all; {outcome}. "
-                f"{b['evaluations']} evaluations, {b['seconds']:.1f} s. Before: " + "; ".join(b["violations_before"]) + "."]
+    return (f"Accuracy budget: {len(b['rolled_back'])} site(s) rolled back, most harmful first "
+            f"({', '.join(b['rolled_back']) or 'none'}); {len(b['retried'])} re-applied after all; {outcome}. "
+            f"{b['evaluations']} evaluations, {b['seconds']:.1f} s. Before: " + "; ".join(b["violations_before"]) + ".")
 
 
 def output_line(o: dict[str, Any]) -> str:
@@ -224,10 +225,10 @@ def _output_table(e: dict[str, Any]) -> list[str]:
 
 
 def _batch_text(report: dict[str, Any]) -> str:
-    batch = (report.get("export") or {}).get("batch") or {}
-    if batch.get("dynamic") is None:
-        return "—"
-    return "any" if batch["dynamic"] else f"{batch['size']} only (the model fixes it)"
+    fixed = fixed_batch(report)
+    if fixed is not None:
+        return f"{fixed} only (the model fixes it)"
+    return "any" if ((report.get("export") or {}).get("batch") or {}).get("dynamic") else "—"
 
 
 def _attention_lines(report: dict[str, Any]) -> list[str]:
@@ -356,7 +357,7 @@ def print_summary(report: dict[str, Any], console: Console | None = None, stages
                   f" · linear/conv FLOPs {change(e['flops_before'], e['flops_after'], 'fewer', 'more')}")
     for line in metric_lines(e):
         console.print(f"your metric: {line}", markup=False, highlight=False)
-    for line in _budget_lines(report)[1:]:
+    if line := budget_line(report):
         console.print(line, markup=False, highlight=False)
     for v in e["violations"]:
         console.print(f"[red]end-to-end bound violated: {v}[/]")

@@ -125,6 +125,20 @@ class Tolerance:
                 out.append(f"{metric} {value:.4g} {op} {limit:g}")
         return out
 
+    def slack(self, error: dict[str, float | None]) -> dict[str, float]:
+        """Per set metric, how far the value is inside its limit (negative: violated), over the limit
+        for the error sizes (max_abs, rel_l2) and in the metric's own units otherwise; a metric not
+        measured is −inf, an exact match's SQNR (None) +inf."""
+        out = {}
+        for metric, limit in self.as_dict().items():
+            value = error.get(metric)
+            if value is None or math.isnan(value):
+                out[metric] = math.inf if metric in error and value is None else -math.inf
+                continue
+            scale = max(abs(limit), 1e-9) if metric in ("max_abs", "rel_l2") else 1.0
+            out[metric] = (limit - value if METRICS[metric] == "max" else value - limit) / scale
+        return out
+
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in METRICS if getattr(self, k) is not None}
 
@@ -162,9 +176,18 @@ class MetricBound:
     higher_is_better: bool
     where: str  # "file:line" of the bound, for errors
 
+    def worse(self, before: float, after: float) -> float:
+        """How far the metric moved the wrong way (NaN when it was not measured)."""
+        return before - after if self.higher_is_better else after - before
+
+    def slack(self, before: float, after: float) -> float:
+        """The allowance left, over the allowance (negative: violated; −inf: not measured)."""
+        worse = self.worse(before, after)
+        return -math.inf if math.isnan(worse) else (self.limit - worse) / max(self.limit, 1e-9)
+
     def violation(self, before: float, after: float) -> str | None:
-        worse = before - after if self.higher_is_better else after - before
-        if math.isnan(after) or worse > self.limit:
+        worse = self.worse(before, after)
+        if math.isnan(worse) or worse > self.limit:
             key = "max_drop" if self.higher_is_better else "max_rise"
             return f"{self.name} {before:.4g} → {after:.4g} ({after - before:+.4g}), beyond {key} {self.limit:g}"
         return None
@@ -177,11 +200,6 @@ class RuleSet:
     end_to_end: Tolerance = Tolerance()  # checked on the whole model's outputs (`--strict`)
     metrics: tuple[MetricBound, ...] = ()  # bounds on the user's evaluate() metrics
     enforce: bool = False  # roll back the most harmful sites until every end-to-end bound holds
-
-    @property
-    def bounded(self) -> bool:
-        """True when the rule file bounds the whole model (outputs or metrics)."""
-        return bool(self.metrics or self.end_to_end.as_dict())
 
 
 # --- reading YAML nodes with positions ---------------------------------------------------
@@ -303,7 +321,11 @@ def _feeds(r: _Reader, node: yaml.Node) -> tuple[str, ...]:
 
 
 def _tolerance(r: _Reader, node: yaml.Node, what: str, metrics: tuple[str, ...]) -> Tolerance:
-    fields = r.mapping(node, what, metrics)
+    return _tolerance_fields(r, r.mapping(node, what, metrics), what)
+
+
+def _tolerance_fields(r: _Reader, fields: dict[str, tuple[yaml.Node, yaml.Node]], what: str) -> Tolerance:
+    """A Tolerance from a mapping's entries already read (metric name → (key, value) nodes)."""
     values = {k: r.scalar(v, f"{what}.{k}", float) for k, (_, v) in fields.items()}
     for k, (_, v) in fields.items():
         if k in ("max_abs", "rel_l2") and values[k] < 0 or k == "cosine" and not -1 <= values[k] <= 1 \
@@ -335,12 +357,7 @@ def _rule(r: _Reader, node: yaml.Node, index: int) -> Rule:
         spec = substitutes.get(r.scalar(sub_node, "substitute", str))
     except KeyError as exc:
         raise r.fail(sub_node, exc.args[0]) from None
-    match = _match(r, fields["match"][1]) if "match" in fields else Match()
-    if len(match.ops) == len(OPS):  # no op given: whatever the substitute can replace
-        match = replace(match, ops=spec.ops)
-    elif set(match.ops) - set(spec.ops):
-        bad = ", ".join(sorted(set(match.ops) - set(spec.ops)))
-        raise r.fail(fields["match"][1], f"substitute {spec.name!r} cannot replace {bad}")
+    match = _match_within(r, fields, spec.ops, lambda bad: f"substitute {spec.name!r} cannot replace {bad}")
     params = _params(r, fields["params"][1] if "params" in fields else None, spec)
     speedup = None
     if "require_speedup" in fields:
@@ -348,16 +365,36 @@ def _rule(r: _Reader, node: yaml.Node, index: int) -> Rule:
         if not speedup > 0:
             raise r.fail(fields["require_speedup"][1], f"require_speedup must be > 0, got {speedup:g}")
     return Rule(
-        name=r.scalar(fields["name"][1], "name", str) if "name" in fields else f"rule{index + 1}",
+        name=_name(r, fields, f"rule{index + 1}"),
         match=match,
         substitute=spec.name,
         params=tuple(params.items()),
         tolerance=_tolerance(r, fields["tolerance"][1], "tolerance", SITE_METRICS) if "tolerance" in fields else Tolerance(),
-        priority=r.scalar(fields["priority"][1], "priority", int) if "priority" in fields else 0,
+        priority=_priority(r, fields),
         index=index,
         where=f"{r.source}:{node.start_mark.line + 1}",
         require_speedup=speedup,
     )
+
+
+def _match_within(r: _Reader, fields: dict, ops: tuple[str, ...], refuse) -> Match:
+    """An entry's `match:`, its ops narrowed to `ops` when none are given; `refuse(bad ops)` is the
+    message when it names others."""
+    match = _match(r, fields["match"][1]) if "match" in fields else Match()
+    if len(match.ops) == len(OPS):  # no op given: whatever the entry can act on
+        return replace(match, ops=ops)
+    bad = set(match.ops) - set(ops)
+    if bad:
+        raise r.fail(fields["match"][1], refuse(", ".join(sorted(bad))))
+    return match
+
+
+def _name(r: _Reader, fields: dict, default: str) -> str:
+    return r.scalar(fields["name"][1], "name", str) if "name" in fields else default
+
+
+def _priority(r: _Reader, fields: dict) -> int:
+    return r.scalar(fields["priority"][1], "priority", int) if "priority" in fields else 0
 
 
 RESCALE_HINT = ("kernel rescaling is not a per-layer substitute: it rewrites the whole model for inputs N times "
@@ -423,9 +460,7 @@ def _end_to_end(r: _Reader, node: yaml.Node, ruleset: RuleSet) -> RuleSet:
                        r.mapping(fields["metrics"][1], "end_to_end.metrics", None).values())
     if "enforce" in fields:
         enforce = r.scalar(fields["enforce"][1], "end_to_end.enforce", bool)
-    outputs = {k: v for k, v in node.value if k.value in METRICS}
-    tolerance = _tolerance(r, yaml.MappingNode(node.tag, list(outputs.items()), node.start_mark, node.end_mark),
-                           "end_to_end", tuple(METRICS))
+    tolerance = _tolerance_fields(r, {k: v for k, v in fields.items() if k in METRICS}, "end_to_end")
     if enforce and not (bounds or tolerance.as_dict()):
         raise r.fail(fields["enforce"][1], "end_to_end.enforce needs a bound to enforce (a metric in "
                                            "end_to_end.metrics, or an output tolerance such as top1_agreement)")
@@ -471,20 +506,14 @@ RESCALE_OPS = ("conv2d",)
 
 def _rescale_rule(r: _Reader, node: yaml.Node, index: int) -> RescaleRule:
     fields = r.mapping(node, f"rescale rule #{index + 1}", ("name", "match", "min_kernel", "priority"))
-    match = _match(r, fields["match"][1]) if "match" in fields else Match()
-    if len(match.ops) == len(OPS):
-        match = replace(match, ops=RESCALE_OPS)
-    elif set(match.ops) - set(RESCALE_OPS):
-        raise r.fail(fields["match"][1], f"rescaling resizes {', '.join(RESCALE_OPS)} kernels only")
+    match = _match_within(r, fields, RESCALE_OPS, lambda bad: f"rescaling resizes {', '.join(RESCALE_OPS)} kernels only")
     min_kernel = 5
     if "min_kernel" in fields:
         min_kernel = r.scalar(fields["min_kernel"][1], "min_kernel", int)
         if min_kernel < 2:
             raise r.fail(fields["min_kernel"][1], f"min_kernel must be ≥ 2 (a 1-tap kernel cannot shrink), got {min_kernel}")
     return RescaleRule(
-        name=r.scalar(fields["name"][1], "name", str) if "name" in fields else f"rescale{index + 1}",
-        match=match, min_kernel=min_kernel,
-        priority=r.scalar(fields["priority"][1], "priority", int) if "priority" in fields else 0,
+        name=_name(r, fields, f"rescale{index + 1}"), match=match, min_kernel=min_kernel, priority=_priority(r, fields),
         index=index, where=f"{r.source}:{node.start_mark.line + 1}")
 
 

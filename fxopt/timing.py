@@ -29,14 +29,23 @@ def median_seconds(fn, args: tuple, min_run_time: float) -> float:
 def time_variants(variants: dict[str, Any], args: tuple, rounds: int, min_run_time: float) -> dict[str, float]:
     """Median seconds per variant: three warm-up calls each, then interleaved rounds, so that a
     drift of the machine hits every variant alike."""
+    _warm_up(variants, args)
+    return {k: statistics.median(v) for k, v in _rounds(variants, args, rounds, min_run_time).items()}
+
+
+def _warm_up(variants: dict[str, Any], args: tuple) -> None:
     for fn in variants.values():
         for _ in range(3):
             fn(*args)
+
+
+def _rounds(variants: dict[str, Any], args: tuple, rounds: int, min_run_time: float) -> dict[str, list[float]]:
+    """Each variant's median seconds in each of `rounds` interleaved rounds."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
             times[name].append(median_seconds(fn, args, min_run_time))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 SPREAD_LIMIT = 1.5  # slowest round ÷ fastest round of one variant above which its median is not trusted
@@ -55,15 +64,9 @@ class Timing:
 def measure(variants: dict[str, Any], args: tuple, rounds: int, min_run_time: float,
             implausible: Callable[[dict[str, float]], str | None] | None = None) -> Timing:
     """`time_variants` with the consistency check above (at least two rounds, to see a spread)."""
-    rounds = max(rounds, 2)
-    for fn in variants.values():
-        for _ in range(3):
-            fn(*args)
+    _warm_up(variants, args)
     for attempt in range(RETRIES + 1):
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                times[name].append(median_seconds(fn, args, min_run_time))
+        times = _rounds(variants, args, max(rounds, 2), min_run_time)
         medians = {k: statistics.median(v) for k, v in times.items()}
         spread = {k: max(v) / min(v) if min(v) > 0 else float("inf") for k, v in times.items()}
         problems = [f"{k} varied {s:.1f}× across rounds" for k, s in spread.items() if s > SPREAD_LIMIT]

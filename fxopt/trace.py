@@ -185,20 +185,15 @@ def _agrees(module: nn.Module, exported: nn.Module, inputs: tuple) -> bool:
 def batch_size(program: torch.export.ExportedProgram) -> dict[str, Any]:
     """{"dynamic": True} when the program takes any batch size; {"dynamic": False, "size": n} when
     its first input's first dimension is fixed at n; {"dynamic": None} for inputs without one."""
+    users = set(program.graph_signature.user_inputs)
     for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in _user_inputs(program):
+        if node.op != "placeholder" or node.name not in users:
             continue
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim():
             size = val.shape[0]
             return {"dynamic": True} if isinstance(size, torch.SymInt) else {"dynamic": False, "size": int(size)}
     return {"dynamic": None}
-
-
-def _user_inputs(program: torch.export.ExportedProgram) -> set[str]:
-    from torch.export.graph_signature import InputKind
-
-    return {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
 
 
 @contextmanager

@@ -64,12 +64,13 @@ class ErrorStats:
         if classifier:
             self.agree += (r.argmax(-1) == o.argmax(-1)).sum().item()
             self.rows += r.shape[0]
-        finite = r[torch.isfinite(r)]
-        if finite.numel():
-            self.ref_min = min(self.ref_min, finite.min().item())
-            self.ref_max = max(self.ref_max, finite.max().item())
-            self.ref_count += finite.numel()
-        bad = ~torch.isfinite(o) & torch.isfinite(r)
+        finite_ref = torch.isfinite(r)
+        seen = r if finite_ref.all() else r[finite_ref]  # a copy only when the reference has inf/NaN
+        if seen.numel():
+            lo, hi = torch.aminmax(seen)
+            self.ref_min, self.ref_max = min(self.ref_min, lo.item()), max(self.ref_max, hi.item())
+            self.ref_count += seen.numel()
+        bad = ~torch.isfinite(o) & finite_ref
         if bad.any():
             filled = bad & (o == -math.inf)
             self.filled |= bool(filled.any())

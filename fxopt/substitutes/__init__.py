@@ -12,6 +12,9 @@ Two things live here.
       epilogue_capacity(steps)     how many leading pointwise steps the fuse pass may fold into
       with_epilogue(steps)         the kernel (default 0), and the copy that runs them
       validated_by                 "error" (SQNR & co., default) or "recall" (computes some outputs)
+      fits_inputs, fit_inputs(original, gram)
+                                   a closed-form refit to the layer's inputs before layer-wise
+                                   steps (default: none)
 
 * `SubstituteSpec`, one per technique, registered by the technique's own file: its name, the ops it
   replaces, its parameters (documentation and parser; defaults read from the signature of the
@@ -54,6 +57,7 @@ class Substitute(nn.Module):
     """Base class of every substitute module; each hook below has its default (module docstring)."""
 
     validated_by: ClassVar[str] = "error"
+    fits_inputs: ClassVar[bool] = False  # fit_inputs below does something (layer-wise training asks)
     reconstruction_error: float | None = None
 
     def flops(self, input_shape: torch.Size, output_shape: torch.Size) -> int | None:
@@ -66,6 +70,10 @@ class Substitute(nn.Module):
 
     def constrain_(self) -> None:
         """Called after every optimizer step (binary clips its latent weights to [−1, 1])."""
+
+    def fit_inputs(self, original: nn.Module, gram: torch.Tensor) -> None:
+        """Refit in closed form to the inputs `original` sees (Gram matrix X·Xᵀ), where `fits_inputs`."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form fit to its inputs")
 
     def epilogue_capacity(self, steps: tuple) -> int:
         """How many leading pointwise `steps` (fxopt.codegen.epilogue) this module can run itself."""

@@ -108,6 +108,13 @@ def _resolve_rank(rank: Any, compression: float | None, max_flops_ratio: float |
     return r
 
 
+def kronecker_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_r A_r ⊗ B_r as a (m1·m2 × n1·n2 × *kernel) weight, from A (R, m1, n1) and B (R, m2, n2, *kernel)."""
+    _, m1, n1 = a.shape
+    _, m2, n2, *kernel = b.shape
+    return torch.einsum("rij,rkl...->ikjl...", a, b).reshape(m1 * m2, n1 * n2, *kernel)
+
+
 class _Kron(Substitute):
     """Shared construction for the Kronecker layers: factors, rank, reconstruction error."""
 
@@ -128,10 +135,7 @@ class _Kron(Substitute):
 
     def dense_weight(self) -> torch.Tensor:
         """Σ_r A_r ⊗ B_r materialised (for tests and error reports; forward never builds it)."""
-        r, m1, n1 = self.A.shape
-        _, m2, n2, *kernel = self.B.shape
-        w = torch.einsum("rij,rkl...->ikjl...", self.A, self.B)
-        return w.reshape(m1 * m2, n1 * n2, *kernel)
+        return kronecker_sum(self.A, self.B)
 
 
 class KronLinear(FusedEpilogue, _Kron):
@@ -282,7 +286,7 @@ class MixedKronLinear(Substitute):
                 rest = w - sum(f for h, f in enumerate(fits) if h != g)
                 a, b, _ = nearest_kronecker_sum(rest, m1, m2, n1, n2, min(r, m1 * n1, m2 * n2))
                 terms[g] = (a, b)
-                fits[g] = torch.einsum("rij,rkl->ikjl", a, b).reshape(m, n)
+                fits[g] = kronecker_sum(a, b)
             error = ((w - sum(fits)).norm() / norm).item() if norm > 0 else 0.0
             if last - error <= 1e-12 * max(error, 1.0):
                 break

@@ -28,6 +28,8 @@ from . import Decline, Param, Substitute, SubstituteSpec, float_above, optional,
 class LowRankLinear(Substitute):
     """y = up(down(x)): n → r → m, bias on `up` (the original layer's, copied)."""
 
+    fits_inputs = True
+
     def __init__(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, error: float = 0.0):
         super().__init__()
         r, n = down.shape
