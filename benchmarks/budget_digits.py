@@ -11,6 +11,11 @@ of 1 point of held-out accuracy:
               no search; the best one is the one that saves the most parameters while the saved
               model still meets the budget.
 
+The search may give a rolled-back layer back less compressed (twice the FLOPs budget per rung,
+lowrank's ladder), which a tolerance cannot; so besides the best tolerance at the same ratio, the
+results name the best (ratio, tolerance) pair of the whole sweep, which a user tuning both knobs
+by hand, with the held-out metric in view, would find.
+
     python benchmarks/budget_digits.py --out benchmarks/results/budget_digits_cpu.json
 """
 
@@ -52,6 +57,7 @@ def outcome(spec, rs) -> dict:
             "params_before": e["params_before"], "params_after": e["params_after"],
             "params_saved": e["params_before"] - e["params_after"],
             "applied": [s["key"] for s in r["sites"] if s["status"] == "applied"],
+            "max_flops_ratio": {s["key"]: s["params"].get("max_flops_ratio") for s in r["sites"] if s["status"] == "applied"},
             "evaluations": (r["budget"] or {}).get("evaluations"), "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -75,8 +81,14 @@ def main() -> None:
         print(f"ratio {ratio}: search saves {search['params_saved']:,} params (drop {search['drop']:+.2f} pt, "
               f"{search['evaluations']} evaluations); best tolerance cosine {best}: "
               + (f"{b['params_saved']:,} (drop {b['drop']:+.2f} pt)" if b else "none meets the budget"), flush=True)
+    pairs = [(r["ratio"], r["best_tolerance"], r["best"]) for r in rows if r["best"]]
+    overall = max(pairs, key=lambda p: p[2]["params_saved"]) if pairs else None
+    if overall:
+        print(f"best (ratio, tolerance) of the whole sweep: ratio {overall[0]}, cosine {overall[1]}: "
+              f"{overall[2]['params_saved']:,} params saved", flush=True)
     write_json(args.out, info | {"model": "examples/digits.py", "budget_points": args.budget,
-                                 "cosines": list(COSINES), "rows": rows})
+                                 "cosines": list(COSINES), "rows": rows,
+                                 "best_of_sweep": overall and {"ratio": overall[0], "cosine": overall[1]} | overall[2]})
 
 
 if __name__ == "__main__":

@@ -334,7 +334,9 @@ def budget_digits(r: dict) -> list[str]:
              f"`benchmarks/budget_digits.py`: the demo model (`{r['model']}`, a trained digit classifier; its "
              "`evaluate()` is accuracy on 450 held-out images), every linear layer but the head as a low-rank pair at "
              f"`max_flops_ratio` r, a budget of {r['budget_points']:g} point of held-out accuracy. **search**: no per-site "
-             "tolerance, `enforce: true` rolls back the most harmful sites as measured on `evaluate()`. **best tolerance**: "
+             "tolerance, `enforce: true` rolls back the most harmful sites as measured on `evaluate()`, then gives each back "
+             "at the most compressive rung of its ladder that the budget affords (rung k: `max_flops_ratio` r·2^k, up to 4 "
+             "rungs; the applied layers are listed with their final ratio). **best tolerance**: "
              f"of {len(r['cosines'])} runs with one per-site `cosine` tolerance each ({', '.join(map(str, r['cosines']))}), "
              "no search, the one that saves the most parameters while the saved model meets the budget (chosen in "
              "hindsight, on the held-out metric).", "",
@@ -344,8 +346,14 @@ def budget_digits(r: dict) -> list[str]:
         s, b = x["search"], x["best"]
         best = (f"{x['best_tolerance']} · {b['params_saved']:,} · {-b['drop'] + 0.0:+.2f} pt · {', '.join(b['applied']) or 'none'}"
                 if b else "none meets the budget")
-        lines.append(f"| {x['ratio']:g} | {s['params_saved']:,} · {-s['drop'] + 0.0:+.2f} pt · {', '.join(s['applied']) or 'none'} "
+        applied = ", ".join(f"{k} ({v:g})" for k, v in s["max_flops_ratio"].items()) if "max_flops_ratio" in s \
+            else ", ".join(s["applied"])
+        lines.append(f"| {x['ratio']:g} | {s['params_saved']:,} · {-s['drop'] + 0.0:+.2f} pt · {applied or 'none'} "
                      f"· {s['evaluations']} | {best} |")
+    if o := r.get("best_of_sweep"):
+        lines += ["", f"Best (r, tolerance) pair of the whole sweep, as a user tuning both by hand with the held-out "
+                      f"metric in view would find: r {o['ratio']:g}, cosine {o['cosine']}: {o['params_saved']:,} "
+                      f"parameters saved, {-o['drop'] + 0.0:+.2f} pt."]
     return lines + ["", f"Raw numbers (every tolerance's run too): `benchmarks/results/{r['file']}`.", ""]
 
 

@@ -10,8 +10,12 @@ applied is evaluated, then the model with each site alone rolled back (one evalu
 above `MAX_PROBES` sites, neighbours in execution order are probed and rolled back together, so
 that a model with hundreds of sites costs at most `MAX_PROBES` probes). Sites go back in order of
 how much their removal moved the bounds towards holding, re-evaluating after each, until every
-bound holds; then each rolled-back unit is tried again, least harmful first, and re-applied
-where the bounds still hold. In all: 1 + probes + rollbacks + retries evaluations.
+bound holds. Then each rolled-back unit is tried again, least harmful first, climbing its ladder:
+the substitute as the rule built it, then up to `MAX_RUNGS` less compressive versions (the
+technique's `SubstituteSpec.relax`: twice the rank, half the reduction, ...), and it is re-applied
+at the first rung where the bounds still hold. A technique without a ladder (binary, wta_hash) is
+applied or rolled back. In all: 1 + probes + rollbacks + (rungs tried) evaluations, at most
+1 + 2·MAX_PROBES + MAX_PROBES·(1 + MAX_RUNGS).
 
 The candidates are evaluated through `Switched`, an fx Interpreter run of the traced graph in
 which the chosen sites' outputs come from their substitutes: the graph is not changed, so no
@@ -33,6 +37,7 @@ from .errors import FxoptError
 from .match import Site
 
 MAX_PROBES = 32
+MAX_RUNGS = 4  # less compressive versions tried per rolled-back unit (each about twice the capacity)
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
@@ -95,16 +100,18 @@ class _SwitchedRun(fx.Interpreter):
 
 
 class Switched(nn.Module):
-    """The traced model with the sites in `on` computed by their substitutes (the rest as traced)."""
+    """The traced model with the sites in `on` computed by their substitutes (the rest as traced);
+    `chosen` holds each site's substitute (the search swaps in its less compressive rungs)."""
 
     def __init__(self, gm: fx.GraphModule, pairs: Sequence[tuple[Site, nn.Module]]):
         super().__init__()
         self.gm, self.subs = gm, nn.ModuleList(m for _, m in pairs)
         self.sites = [site for site, _ in pairs]
         self.on: set[str] = {site.key for site in self.sites}
+        self.chosen: dict[str, nn.Module] = {site.key: m for site, m in pairs}
 
     def forward(self, *args):
-        swaps = {site.output: (site.input, m) for site, m in zip(self.sites, self.subs) if site.key in self.on}
+        swaps = {site.output: (site.input, self.chosen[site.key]) for site in self.sites if site.key in self.on}
         return _SwitchedRun(self.gm, swaps).run(*args)
 
 
@@ -117,14 +124,19 @@ class Search:
     seconds: float = 0.0
     probes: list[dict[str, Any]] = field(default_factory=list)  # per unit: sites, harm
     rolled_back: list[str] = field(default_factory=list)
-    retried: list[str] = field(default_factory=list)  # rolled back, then re-applied
+    retried: list[str] = field(default_factory=list)  # rolled back, then re-applied as the rule built it
+    relaxed: dict[str, int] = field(default_factory=dict)  # rolled back, then re-applied this many rungs up
     violations_before: list[str] = field(default_factory=list)
     violations_after: list[str] = field(default_factory=list)
 
 
-def search(switched: Switched, measure: Callable[[nn.Module], tuple[list[str], dict[str, float]]]) -> Search:
-    """Turn sites off in `switched` until `measure` reports no violation. `measure(model)` returns
-    (violations, slack): slack per bound, positive where it holds, in comparable units."""
+def search(switched: Switched, measure: Callable[[nn.Module], tuple[list[str], dict[str, float]]],
+           rung: Callable[[str, int], nn.Module | None] = lambda key, k: None) -> Search:
+    """Turn sites off in `switched` until `measure` reports no violation, then give back what the
+    bounds afford, each unit at the most compressive rung they afford. `measure(model)` returns
+    (violations, slack): slack per bound, positive where it holds, in comparable units.
+    `rung(key, k)` is the site's substitute k steps less compressive (k ≥ 1), or None where it has
+    none (or none that passes its own checks)."""
     start, result = time.perf_counter(), Search()
 
     def run(on: set[str]) -> tuple[list[str], dict[str, float]]:
@@ -157,11 +169,23 @@ def search(switched: Switched, measure: Callable[[nn.Module], tuple[list[str], d
         if not violations:
             break
     if not violations:  # least harmful first: put back what the bounds can afford after all
-        for i in reversed(removed[:-1]):
-            trial_violations, _ = run(on | set(units[i]))
-            if not trial_violations:
-                on |= set(units[i])
-                result.retried += units[i]
+        built = dict(switched.chosen)
+        for last, i in enumerate(reversed(removed)):
+            # the unit removed last: as built, the bounds were just seen failing; only its rungs can help
+            for k in range(1 if last == 0 else 0, MAX_RUNGS + 1):
+                trial = {key: built[key] if k == 0 else rung(key, k) for key in units[i]}
+                trial = {key: m for key, m in trial.items() if m is not None}
+                if not trial:
+                    continue
+                switched.chosen.update(trial)
+                if not run(on | set(trial))[0]:
+                    on |= set(trial)
+                    if k == 0:
+                        result.retried += list(trial)
+                    else:
+                        result.relaxed.update(dict.fromkeys(trial, k))
+                    break
+                switched.chosen.update({key: built[key] for key in trial})
     switched.on = on
     result.rolled_back = [k for k in keys if k not in on]
     result.met, result.violations_after = not violations, violations

@@ -22,7 +22,7 @@ from typing import Any
 import networkx as nx
 
 from . import graphs
-from .report import ERROR_KEYS, change, fmt, metric_lines, output_line
+from .report import ERROR_KEYS, budget_line, change, fmt, metric_lines, output_line
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#111827}
@@ -205,7 +205,7 @@ def _summary(report: dict[str, Any]) -> str:
             f"<p>End to end: {html.escape(metrics)} · params "
             f"{html.escape(change(e['params_before'], e['params_after'], 'smaller', 'larger'))} · linear/conv FLOPs "
             f"{html.escape(change(e['flops_before'], e['flops_after'], 'fewer', 'more'))}</p>"
-            + _outputs(e))
+            + _outputs(e) + (f"<p>{html.escape(line)}</p>" if (line := budget_line(report)) else ""))
 
 
 def _outputs(e: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@
 * gate:       each remaining site timed, original layer against substitute; a rule's
               `require_speedup` keeps the original where the substitute does not pay
 * budget:     (with `end_to_end.enforce`) sites rolled back, most harmful first as measured on
-              the user's evaluate() or the output tolerances, until every bound holds (fxopt/budget.py)
+              the user's evaluate() or the output tolerances, until every bound holds; then given
+              back, where the bounds afford it, as built or less compressed (fxopt/budget.py)
 * substitute: the accepted substitutes go into the graph (pass)
 * collapse:   attention modules none of whose projections changed are one call again, with
               their fused fast path (pass)
@@ -189,8 +190,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     search = None
     if ruleset.enforce and accepted:
         with stage("budget"):
+            ladder = Ladder(traced.gm, accepted, records, batches, calib or batches, layerwise)
             accepted, search = enforce_budget(model, traced.gm, accepted, records, ruleset, batches, evaluate,
-                                              metrics_before)
+                                              metrics_before, ladder)
     reference = None
     if layerwise.distill_steps and layerwise.distill_sites and accepted:  # the original graph, for per-site targets
         with warnings.catch_warnings():  # torch's pytree warns about its own specs when they are copied
@@ -348,10 +350,11 @@ def gate_sites(accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRe
 
 def enforce_budget(model: nn.Module, gm: fx.GraphModule, accepted: list[tuple[Site, nn.Module]],
                    records: dict[str, SiteRecord], ruleset: rules_mod.RuleSet, batches: list[tuple],
-                   evaluate: Evaluate | None, before: dict[str, float] | None
+                   evaluate: Evaluate | None, before: dict[str, float] | None, ladder: "Ladder"
                    ) -> tuple[list[tuple[Site, nn.Module]], budget.Search]:
     """The accuracy budget (fxopt/budget.py): the accepted sites less those rolled back, most
-    harmful first, until every end-to-end bound holds; those get status `over_budget`."""
+    harmful first, until every end-to-end bound holds (status `over_budget`), and those given back
+    at a less compressive rung of their `ladder` (status `applied`, the reason says so)."""
     outputs = bool(ruleset.end_to_end.as_dict())
     metrics = bool(ruleset.metrics)  # evaluate() only where a bound reads it (check_bounded: then it exists)
 
@@ -363,16 +366,105 @@ def enforce_budget(model: nn.Module, gm: fx.GraphModule, accepted: list[tuple[Si
             violations += metric_violations(ruleset, before, after)
         return violations, budget.slack(ruleset, e2e, before, after)
 
-    found = budget.search(budget.Switched(gm, accepted), measure)
+    switched = budget.Switched(gm, accepted)
+    found = budget.search(switched, measure, ladder)
     harm = {k: p["harm"] for p in found.probes for k in p["sites"]}
     ranked = sorted(harm, key=lambda k: -harm[k])
+
+    def probed(key: str) -> str:
+        return (f"{ranked.index(key) + 1}. most harmful of {len(ranked)} probed; rolling it back alone moved the "
+                f"failing bounds by {harm[key]:+.3g}× their allowance")
+
     held = ("the bounds held after it" if found.met else
             "the bounds do not hold even with every site rolled back: " + "; ".join(found.violations_after))
     for key in found.rolled_back:
-        records[key].keep_original("over_budget", (
-            f"accuracy budget: rolled back ({ranked.index(key) + 1}. most harmful of {len(ranked)} probed; rolling "
-            f"it back alone moved the failing bounds by {harm[key]:+.3g}× their allowance); {held}"))
-    return [(s, m) for s, m in accepted if s.key not in found.rolled_back], found
+        records[key].keep_original("over_budget", f"accuracy budget: rolled back ({probed(key)}); {held}")
+    for key, k in found.relaxed.items():
+        ladder.apply(key, k, f"accuracy budget: as the rule built it, it was rolled back ({probed(key)}); given back "
+                             f"{k} step{'s' if k > 1 else ''} less compressed")
+    return [(s, switched.chosen[s.key]) for s, _ in accepted if s.key not in found.rolled_back], found
+
+
+@dataclass
+class _Rung:
+    params: dict[str, Any]
+    module: nn.Module | None  # None: it failed the rule's tolerance (the next rung may not)
+    size: int
+    error: dict[str, float | None]
+    layerwise: dict[str, Any] | None
+    latency: dict[str, Any] | None
+
+
+class Ladder:
+    """Each accepted site's less compressive versions for the budget search (SubstituteSpec.relax,
+    one step per rung): built when first asked for, trained layer-wise (when asked for) and held
+    to the rule's tolerance and `require_speedup` as the rule's own substitute was. A rung that
+    fails its tolerance is skipped; one that declines, holds no more parameters than the rung
+    below, saves nothing against the original layer, or is gated ends the site's ladder."""
+
+    def __init__(self, gm: fx.GraphModule, accepted: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],
+                 batches: list[tuple], train_batches: list[tuple], layerwise: Layerwise):
+        self.gm, self.records, self.batches, self.train_batches, self.layerwise = (
+            gm, records, batches, train_batches, layerwise)
+        self.sites = {site.key: site for site, _ in accepted}
+        self.rungs: dict[str, list[_Rung]] = {}
+        self.ended: set[str] = set()
+
+    def __call__(self, key: str, k: int) -> nn.Module | None:
+        rungs = self.rungs.setdefault(key, [])
+        while len(rungs) < k and key not in self.ended:
+            below = rungs[-1] if rungs else None
+            rung = self._climb(key, below.params if below else self.records[key].params,
+                               below.size if below else self.records[key].params_after)
+            if rung is None:
+                self.ended.add(key)
+            else:
+                rungs.append(rung)
+        return rungs[k - 1].module if len(rungs) >= k else None
+
+    def _climb(self, key: str, params: dict[str, Any], below: int) -> _Rung | None:
+        rec, site = self.records[key], self.sites[key]
+        spec = substitutes.get(rec.substitute)
+        params = spec.relax(params) if spec.relax else None
+        if params is None:
+            return None
+        try:
+            module = spec.build(site.module, params).eval()
+        except substitutes.Decline:
+            return None
+        size = param_count(module)
+        flops = substitute_flops(module, site.module, site.in_shape, site.out_shape)
+        if size <= below or size >= rec.params_before or flops >= rec.flops_before:
+            return None
+        trained = None
+        if self.layerwise.steps:
+            trained = train_sites(self.gm, [(site, module)], self.train_batches, self.layerwise).get(key)
+        error = site_errors(self.gm, [(site, module)], self.batches)[key]
+        failed = error.pop("failed", None)
+        latency = None
+        if not failed and (rec.latency is not None or rec.require_speedup is not None):
+            latency = site_latency(site, substitutes.deployable(module), flop_ratio=rec.flops_before / flops)
+            if verdict(latency, rec.require_speedup):
+                return None
+        usable = not failed and not _violations(error, rec.tolerance)
+        return _Rung(params, module if usable else None, size, error, trained, latency)
+
+    def apply(self, key: str, k: int, reason: str) -> None:
+        """The site's record says it runs rung k."""
+        rung, rec, site = self.rungs[key][k - 1], self.records[key], self.sites[key]
+        changed = ", ".join(f"{name} {_short(rec.params[name])} → {_short(value)}"
+                            for name, value in rung.params.items() if rec.params.get(name) != value)
+        rec.reason = f"{reason} ({changed})"
+        rec.params, rec.error, rec.layerwise = rung.params, rung.error, rung.layerwise or rec.layerwise
+        rec.latency = rung.latency or rec.latency
+        rec.module_after = repr(rung.module).replace("\n", " ")
+        rec.params_after = rung.size
+        rec.flops_after = substitute_flops(rung.module, site.module, site.in_shape, site.out_shape)
+        rec.reconstruction_error = rung.module.reconstruction_error
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _record(d: Decision) -> SiteRecord:
@@ -402,7 +494,7 @@ def validate_sites(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]],
         rec = records[site.key]
         rec.error = errors[site.key]
         failed = rec.error.pop("failed", None)
-        violations = [failed] if failed else _violations(rec)
+        violations = [failed] if failed else _violations(rec.error, rec.tolerance)
         if violations:
             rec.violations = violations
             rec.keep_original("rolled_back", failed or "tolerance violated: " + "; ".join(violations))
@@ -412,10 +504,10 @@ def validate_sites(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]],
     return accepted
 
 
-def _violations(rec: SiteRecord) -> list[str]:
-    if any(isinstance(v, float) and math.isnan(v) for v in rec.error.values()):
+def _violations(error: dict[str, float | None], tolerance: dict[str, float]) -> list[str]:
+    if any(isinstance(v, float) and math.isnan(v) for v in error.values()):
         return ["substitute produced non-finite values"]
-    return rules_mod.Tolerance(**rec.tolerance).violations(rec.error)
+    return rules_mod.Tolerance(**tolerance).violations(error)
 
 
 def export(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:

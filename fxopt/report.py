@@ -201,9 +201,13 @@ def budget_line(report: dict[str, Any]) -> str | None:
     if not b["violations_before"]:
         return f"Accuracy budget: every bound held with all sites applied (1 evaluation, {b['seconds']:.1f} s)."
     outcome = "every bound holds" if b["met"] else "the bounds still fail: " + "; ".join(b["violations_after"])
-    return (f"Accuracy budget: {len(b['rolled_back'])} site(s) rolled back, most harmful first "
-            f"({', '.join(b['rolled_back']) or 'none'}); {len(b['retried'])} re-applied after all; {outcome}. "
-            f"{b['evaluations']} evaluations, {b['seconds']:.1f} s. Before: " + "; ".join(b["violations_before"]) + ".")
+    removed = len(b["rolled_back"]) + len(b["retried"]) + len(b["relaxed"])
+    relaxed = [f"{k} ({n} step{'s' if n > 1 else ''})" for k, n in b["relaxed"].items()]
+    return (f"Accuracy budget: {removed} site(s) rolled back, most harmful first; "
+            f"given back as built: {', '.join(b['retried']) or 'none'}; given back less compressed: "
+            f"{', '.join(relaxed) or 'none'}; rolled back for good: {', '.join(b['rolled_back']) or 'none'}; "
+            f"{outcome}. {b['evaluations']} evaluations, {b['seconds']:.1f} s. Before: "
+            + "; ".join(b["violations_before"]) + ".")
 
 
 def output_line(o: dict[str, Any]) -> str:

@@ -68,6 +68,34 @@ def test_enforce_rolls_back_the_most_harmful_sites_until_the_budget_holds(digits
     assert worst in b["rolled_back"]  # the most harmful site, as measured, went back
 
 
+def test_a_site_the_budget_cannot_afford_as_built_comes_back_less_compressed(digits, tmp_path):
+    """The demo's first layer at max_flops_ratio 0.0625 costs 46 points; the search gives it back
+    at a higher rank (its ladder), trained layer-wise like the others, and the report says so."""
+    from fxopt.layerwise import Layerwise
+
+    result = run(digits, lowrank(0.0625, "{metrics: {accuracy: {max_drop: 1.0}}, enforce: true}"),
+                 layerwise=Layerwise(steps=4, progress=False))
+    report = result.report
+    b, m = report["budget"], report["end_to_end"]["metrics"]["accuracy"]
+    assert b["met"] and m["before"] - m["after"] <= 1.0 and b["violations_before"]
+    assert b["relaxed"] and not b["rolled_back"]
+    sites = {s["key"]: s for s in report["sites"]}
+    for key, steps in b["relaxed"].items():
+        s = sites[key]
+        assert s["status"] == "applied" and "given back" in s["reason"]
+        assert s["params"]["max_flops_ratio"] == pytest.approx(0.0625 * 2 ** steps)
+        module = next(m for site, m in result.substitutes if site.key == key)
+        assert s["params_after"] == sum(p.numel() for p in module.parameters())
+        assert s["params_after"] < s["params_before"]
+        assert s["layerwise"]["steps"] == 4  # the rung was trained, as the rule's own substitute was
+    e = report["end_to_end"]
+    assert e["params_after"] == e["params_before"] - sum(s["params_before"] - s["params_after"] for s in sites.values())
+    line = "given back less compressed: " + ", ".join(f"{k} ({n} step" for k, n in b["relaxed"].items())
+    assert line in fxopt.report.budget_line(report)
+    out = result.save(tmp_path / "out")
+    assert line in (out / "report.md").read_text() and line in (out / "report.html").read_text()
+
+
 def test_enforce_without_evaluate_bounds_top1_agreement():
     ex = load_example("mlp")
     model = ex.build_model()
@@ -80,24 +108,43 @@ def test_enforce_without_evaluate_bounds_top1_agreement():
     assert b["met"] and b["evaluations"] >= 1
 
 
+class Toy(nn.Module):
+    """Three switchable sites; `chosen[key]` is the rung a site runs (0: as the rule built it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = [type("S", (), {"key": k})() for k in "abc"]
+        self.on = set("abc")
+        self.chosen = dict.fromkeys("abc", 0)
+
+
+def toy_measure(cost: dict[str, float], allowed: float):
+    def measure(toy):  # the loss of accuracy: the sum over the sites left on, halved per rung climbed
+        loss = sum(cost[k] / 2 ** toy.chosen[k] for k in toy.on)
+        return (["over"] if loss > allowed else []), {"metric:acc": (allowed - loss) / allowed}
+
+    return measure
+
+
 def test_search_order_and_retry_on_a_measured_toy():
-    """Three switchable sites whose harms add up: the search rolls back the most harmful, and puts
-    back a rolled-back one the budget can afford."""
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.sites = [type("S", (), {"key": k})() for k in "abc"]
-            self.on = set("abc")
-
-    cost = {"a": 5.0, "b": 1.0, "c": 3.0}
-
-    def measure(toy):  # the loss of accuracy: the sum of the sites left on; allowed: 4
-        loss = sum(cost[k] for k in toy.on)
-        return (["over"] if loss > 4 else []), {"metric:acc": (4 - loss) / 4}
-
-    found = budget.search(Toy(), measure)
+    """The search rolls back the most harmful site, and puts back a rolled-back one the budget
+    can afford."""
+    found = budget.search(Toy(), toy_measure({"a": 5.0, "b": 1.0, "c": 3.0}, 4))
     assert found.met and found.rolled_back == ["a"]  # a alone brings 9 → 4
     assert [p["sites"] for p in found.probes] == [["a"], ["b"], ["c"]]
+    assert found.relaxed == {} and found.evaluations == 1 + 3 + 1  # no ladder: nothing more to try
+
+
+def test_the_search_climbs_the_ladder_before_giving_a_site_up():
+    """A rolled-back site comes back at the first rung (each halving its harm) the budget affords;
+    a site without a ladder stays rolled back."""
+    toy = Toy()
+    found = budget.search(toy, toy_measure({"a": 5.0, "b": 1.0, "c": 3.0}, 6), lambda key, k: k)
+    assert found.met and found.rolled_back == [] and found.relaxed == {"a": 2}  # 4 + 5/2 > 6, 4 + 5/4 ≤ 6
+    assert toy.on == set("abc") and toy.chosen == {"a": 2, "b": 0, "c": 0}
+    toy = Toy()
+    found = budget.search(toy, toy_measure({"a": 5.0, "b": 1.0, "c": 3.0}, 6), lambda key, k: k if key != "a" else None)
+    assert found.rolled_back == ["a"] and found.relaxed == {} and toy.chosen["a"] == 0
 
 
 def test_metric_errors_are_one_line_naming_the_cause(digits):

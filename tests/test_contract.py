@@ -77,6 +77,37 @@ def test_flops_at_the_defaults(name, op):
         assert count is None or count == dense
 
 
+LADDER_START = {"lowrank": {"max_flops_ratio": 0.0625}}  # its default (0.5) is one step from full rank
+
+
+@pytest.mark.parametrize("name,op", [(n, op) for n, op in CASES if subs.get(n).relax is not None])
+def test_each_rung_of_the_ladder_holds_more_and_errs_less(name, op):
+    """`relax` (the accuracy budget's ladder): each step builds a layer with more parameters and
+    an output no further from the original's, from the technique's defaults up to where its
+    builds stop saving parameters, stop growing (the pipeline's Ladder ends there) or decline."""
+    spec = subs.get(name)
+    layer, x = layer_and_input(op, seed=4)
+    dense = sum(p.numel() for p in layer.parameters())
+    with torch.no_grad():
+        want = layer(x)
+    params, sizes, errors = spec.parse_params(LADDER_START.get(name, {})), [], []
+    while params is not None and len(sizes) < 12:
+        try:
+            sub = spec.build(layer, params).eval()
+        except subs.Decline:
+            break
+        size = sum(p.numel() for p in sub.parameters())
+        if size >= dense or (sizes and size == sizes[-1]):
+            break
+        with torch.no_grad():
+            errors.append(((sub(x) - want).norm() / want.norm()).item())
+        sizes.append(size)
+        params = spec.relax(params)
+    assert len(sizes) >= 2, f"{name}: the ladder has no step above the defaults on a {op} layer"
+    assert sizes == sorted(set(sizes)), sizes
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), errors
+
+
 @pytest.mark.parametrize("name", subs.names())
 def test_a_rule_with_the_defaults_loads_and_a_shipped_rule_file_exists(name):
     spec = subs.get(name)

@@ -19,7 +19,8 @@ Two things live here.
 * `SubstituteSpec`, one per technique, registered by the technique's own file: its name, the ops it
   replaces, its parameters (documentation and parser; defaults read from the signature of the
   technique's `from_original`, so they are written once), `build`, and what the contract test
-  needs (`exact`: parameters under which the substitute reproduces a given layer). Every module in
+  needs (`exact`: parameters under which the substitute reproduces a given layer), and `relax`, the
+  next less compressive parameters (the accuracy budget's ladder). Every module in
   this package is imported when the package is, so adding a technique is adding a file.
 
 A guard that does not fit a layer raises `Decline` with a reason that the report shows; it never
@@ -143,6 +144,10 @@ class SubstituteSpec:
     # Put a layer's weights where the technique is exact (a quantizer: on its grid); None: any layer.
     representable: Callable[[nn.Module], None] | None = None
     saves_flops: bool = True  # flops ≤ the dense count at the default parameters
+    # Parameters one step less compressive (about twice the capacity), or None where there is no
+    # such step; the accuracy budget climbs this ladder before it gives a site back (fxopt/budget.py).
+    # None here: the technique has no ladder (its sites are applied or rolled back).
+    relax: Callable[[Mapping[str, Any]], dict[str, Any] | None] | None = None
 
     def __post_init__(self) -> None:
         signature = inspect.signature(self.defaults) if self.defaults else None
@@ -298,6 +303,11 @@ def conv_guard(conv: nn.Module, technique: str) -> None:
 def conv_class(kernel_dims: int) -> type[nn.Module]:
     """nn.Conv1d or nn.Conv2d for a kernel with that many spatial dimensions."""
     return {1: nn.Conv1d, 2: nn.Conv2d}[kernel_dims]
+
+
+def doubled(params: Mapping[str, Any], *names: str) -> dict[str, Any]:
+    """`params` with each named parameter that is set (not None) doubled: a `relax` step."""
+    return dict(params) | {n: 2 * params[n] for n in names if params[n] is not None}
 
 
 def _register_all() -> None:

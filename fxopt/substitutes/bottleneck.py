@@ -27,7 +27,7 @@ from torch import nn
 
 from fxopt.linalg import top_singular
 
-from . import (Decline, Param, Substitute, SubstituteSpec, conv_class, conv_guard, float_above, non_negative_int, number_in,
+from . import (Decline, Param, Substitute, SubstituteSpec, conv_class, conv_guard, doubled, float_above, non_negative_int, number_in,
                optional, register)
 
 
@@ -118,6 +118,13 @@ def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
                                         max_flops_ratio=params["max_flops_ratio"])
 
 
+def _relax(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Half the channel reduction (inner widths doubled), twice the FLOPs budget."""
+    if params["reduction"] <= 1.0:
+        return None
+    return doubled(params, "max_flops_ratio") | {"reduction": max(1.0, params["reduction"] / 2)}
+
+
 SPEC = register(SubstituteSpec(
     name="bottleneck",
     summary="1×1 reduce → k×k → 1×1 expand, Tucker-2 (HOSVD + HOOI) init (Zeng & Tian 2017)",
@@ -131,4 +138,5 @@ SPEC = register(SubstituteSpec(
     build=_build,
     defaults=BottleneckConv.from_original,
     exact=lambda conv: {"reduction": 1.0, "max_flops_ratio": None},
+    relax=_relax,
 ))

@@ -363,6 +363,19 @@ def _check(given: Mapping[str, Any]) -> None:
         raise ValueError("with a list of factor shapes, each shape carries its own rank: drop 'rank'/'compression'")
 
 
+def _relax(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Twice the Kronecker terms (every group's, in a mixture), within the same FLOPs budget."""
+    if isinstance(params["factors"], tuple):
+        return dict(params) | {"factors": tuple(g | {"rank": 2 * g["rank"]} for g in params["factors"])}
+    if params["rank"] == "full":
+        return None
+    if params["rank"] is not None:
+        return dict(params) | {"rank": 2 * params["rank"]}
+    if params["compression"] is None or params["compression"] <= 2.0:
+        return None
+    return dict(params) | {"compression": params["compression"] / 2}
+
+
 def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     if isinstance(params["factors"], tuple):
         if not isinstance(module, nn.Linear):
@@ -393,4 +406,5 @@ SPEC = register(SubstituteSpec(
     defaults=KronLinear.from_original,
     check=_check,
     exact=lambda layer: {"rank": "full", "max_flops_ratio": None},
+    relax=_relax,
 ))

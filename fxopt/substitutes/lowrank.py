@@ -22,7 +22,7 @@ from torch import nn
 
 from fxopt.linalg import top_singular
 
-from . import Decline, Param, Substitute, SubstituteSpec, float_above, optional, positive_int, register
+from . import Decline, Param, Substitute, SubstituteSpec, doubled, float_above, optional, positive_int, register
 
 
 class LowRankLinear(Substitute):
@@ -123,6 +123,13 @@ def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     return LowRankLinear.from_original(module, rank=params["rank"], max_flops_ratio=params["max_flops_ratio"])
 
 
+def _relax(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Twice the rank (and twice its FLOPs budget); none past full rank (the build then saves nothing)."""
+    if params["rank"] is None and params["max_flops_ratio"] is None:
+        return None
+    return doubled(params, "rank", "max_flops_ratio")
+
+
 SPEC = register(SubstituteSpec(
     name="lowrank",
     summary="W ≈ U_r·S_r·V_rᵀ: two thin linears from a truncated SVD (Eckart–Young optimal)",
@@ -135,4 +142,5 @@ SPEC = register(SubstituteSpec(
     build=_build,
     defaults=LowRankLinear.from_original,
     exact=lambda layer: {"rank": None, "max_flops_ratio": None},
+    relax=_relax,
 ))

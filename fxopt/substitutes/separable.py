@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import Decline, Param, Substitute, SubstituteSpec, conv_class, conv_guard, float_above, optional, positive_int, register
+from . import Decline, Param, Substitute, SubstituteSpec, conv_class, conv_guard, doubled, float_above, optional, positive_int, register
 
 
 class SeparableConv(Substitute):
@@ -101,6 +101,11 @@ def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
                                        max_flops_ratio=params["max_flops_ratio"])
 
 
+def _relax(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Twice the depthwise filters per channel, twice the FLOPs budget."""
+    return doubled(params, "multiplier", "max_flops_ratio")
+
+
 SPEC = register(SubstituteSpec(
     name="separable",
     summary="depthwise k×k + pointwise 1×1, per-channel SVD init (Zeng & Tian 2017)",
@@ -112,4 +117,5 @@ SPEC = register(SubstituteSpec(
     build=_build,
     defaults=SeparableConv.from_original,
     exact=lambda conv: {"multiplier": min(conv.out_channels, math.prod(conv.kernel_size)), "max_flops_ratio": None},
+    relax=_relax,
 ))
