@@ -54,6 +54,7 @@ bench: $(VENV)/.installed bench-rescale
 		--layerwise-steps 100 --out benchmarks/results/examples_efficient_cpu.json
 	$(BIN)/python benchmarks/layerwise_cnn.py --out benchmarks/results/layerwise_cnn_cpu.json
 	$(BIN)/python benchmarks/layerwise_cnn.py --seed 1 --out benchmarks/results/layerwise_cnn_seed1_cpu.json
+	$(BIN)/python benchmarks/binary_cpu.py --out benchmarks/results/binary_cpu.json
 	$(BIN)/python benchmarks/binary_digits.py --seeds 0 1 2 3 4 --out benchmarks/results/binary_digits_cpu.json
 	$(BIN)/python benchmarks/budget_digits.py --out benchmarks/results/budget_digits_cpu.json
 	$(BIN)/python benchmarks/rescale_cnn.py --seeds 0 1 2 --out benchmarks/results/rescale_cnn_cpu.json

@@ -43,14 +43,14 @@ def case(n: int, k: int, batch: int, bandwidth: float) -> dict:
     x = torch.randn(batch, k, device="cuda", generator=g).bfloat16()
 
     with use_backend("triton"):
-        out = binary_linear(x, signs, scale, bias, None, k, [], "")
+        out = binary_linear(x, signs, scale, bias, None, k, [], "", "exact")
     ref = binary_linear_reference(x.float(), signs, scale, bias, None, k, [], ())
     err = ((out.float() - ref).norm() / ref.norm()).item()
 
     compiled = torch.compile(lambda a: F.linear(a, dense, bias16))
     compiled(x)  # compile outside the timing
     with use_backend("triton"):
-        ms_binary = do_bench(lambda: binary_linear(x, signs, scale, bias, None, k, [], ""))
+        ms_binary = do_bench(lambda: binary_linear(x, signs, scale, bias, None, k, [], "", "exact"))
     ms_dense = do_bench(lambda: F.linear(x, dense, bias16))
     ms_compiled = do_bench(lambda: compiled(x))
     moved = signs.numel() * 4 + scale.numel() * 4 + bias.numel() * 4 + x.numel() * 2 + batch * n * 2

@@ -31,6 +31,18 @@ def run_info() -> dict:
     }
 
 
+def dense_linear(n_in: int, n_out: int, batch: int):
+    """A seeded dense layer, an input batch, and the variants every layer benchmark compares
+    against: {"dense": eager, "dense+compile": Inductor}. Dynamo caches compiled code per
+    forward(); layers of other shapes recompile it, and past its recompile limit it silently runs
+    eager, so each measurement starts from a clean cache."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(n_in, n_out).eval()
+    x = torch.randn(batch, n_in)
+    return dense, x, {"dense": dense, "dense+compile": torch.compile(dense, dynamic=False)}
+
+
 def copy_bandwidth(gib: float = 1.0) -> float:
     """Bytes per second of a device-to-device copy on the GPU (each byte read once and written once)."""
     from triton.testing import do_bench

@@ -29,7 +29,7 @@ from torch import nn
 
 from fxopt.substitutes.kron import KronLinear
 
-from common import run_info, time_variants
+from common import dense_linear, run_info, time_variants
 from fxopt.save import write_json
 
 SIZES = [(512, 512), (1024, 1024), (4096, 1024), (1024, 4096)]  # (in, out)
@@ -39,13 +39,7 @@ SETTINGS = {"rule": dict(compression=32, max_flops_ratio=0.5), "r4": dict(rank=4
 
 @torch.no_grad()
 def measure(n_in: int, n_out: int, batch: int, rounds: int, min_run_time: float) -> dict:
-    # Dynamo caches compiled code per forward(); layers of other shapes recompile it, and past
-    # its recompile limit it silently runs eager. Each measurement starts from a clean cache.
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    dense = nn.Linear(n_in, n_out).eval()
-    x = torch.randn(batch, n_in)
-    variants = {"dense": dense, "dense+compile": torch.compile(dense, dynamic=False)}
+    dense, x, variants = dense_linear(n_in, n_out, batch)
     info = {}
     for name, kwargs in SETTINGS.items():
         kron = KronLinear.from_original(dense, **kwargs).eval()

@@ -329,6 +329,24 @@ def minilm_recover(r: dict) -> list[str]:
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 
+def binary_cpu(r: dict) -> list[str]:
+    lines = ["## Packed 1-bit and ternary linear layers against dense fp32 (CPU)", "", machine(r), "",
+             "`benchmarks/binary_cpu.py`: the packed layer as `fxopt optimize` saves it (1 bit per weight; ternary 2) "
+             "against `nn.Linear` in fp32, best against best (the faster of eager and `torch.compile` on each side), "
+             "> 1 meaning faster. **exact**: the default (activations as three int8 planes, integer products exact; "
+             "within fp32 rounding of the dense layer). **int8**: `activations: int8` (each input row quantized to "
+             "int8). **reference**: the torch reference that unpacks every weight at every call (what a CPU ran before). "
+             "Dense times in µs.", "",
+             "| out × in | batch | dense µs | binary exact | binary int8 | ternary exact | ternary int8 | reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        dense = min(x["us"]["dense"], x["us"]["dense+compile"])
+        ref = f"{x['reference']:.2f}×" if "reference" in x else "—"
+        lines.append(f"| {x['out']} × {x['in']} | {x['batch']} | {dense:,.0f} | {x['binary']:.2f}× | {x['binary_int8']:.2f}× "
+                     f"| {x['ternary']:.2f}× | {x['ternary_int8']:.2f}× | {ref} |")
+    return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
+
+
 def budget_digits(r: dict) -> list[str]:
     lines = ["## The accuracy budget against per-site tolerances (CPU)", "", machine(r), "",
              f"`benchmarks/budget_digits.py`: the demo model (`{r['model']}`, a trained digit classifier; its "
@@ -368,7 +386,8 @@ def main() -> None:
              ("examples_cpu.json", examples),
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
-    files += [("binary_digits_cpu.json", binary_digits), ("budget_digits_cpu.json", budget_digits)]
+    files += [("binary_cpu.json", binary_cpu), ("binary_digits_cpu.json", binary_digits),
+              ("budget_digits_cpu.json", budget_digits)]
     files += [(f"rescale_cnn_{name}cpu.json", rescale_cnn)  # the five-seed runs first
               for name in ("5seeds_", "5seeds_fulllr1_", "resnet_dw_heldout_", "", "resnet_dw_5full_", "resnet_dw_6low_", "3x3_")]
     files += [("backend_cpu.json", backend), ("wta_hash_cpu.json", wta_hash), ("minilm_recover_cpu.json", minilm_recover)]

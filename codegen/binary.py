@@ -4,6 +4,8 @@ The op `fxopt::binary_linear` is what a packed binary layer (`fxopt.substitutes.
 what its saved model holds. The registry (`codegen.registry`) picks the implementation:
 
 * torch reference: unpack W to the activation dtype, one GEMM, scale, bias, activation;
+* CPU (codegen.binary_cpu): W unpacked once to a prepacked int8 matrix, the activations split
+  into int8 planes whose integer products are exact, one oneDNN GEMM;
 * Triton: the weights stay packed in global memory (1/16 of the bytes of bf16) and are unpacked in
   registers, tile by tile; scale, bias and the generated epilogue (codegen.epilogue: any chain
   the fuse pass accepts, as for kron) run on the fp32 accumulator before the one store.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from fxopt.bits import unpack_weight, words_for
 
 from . import epilogue as ep
+from .binary_cpu import ACTIVATIONS, available, binary_linear_cpu, fake_quantize
 from .registry import HAVE_TRITON, interpreted, pick
 
 GEMV_MAX_ROWS = 16
@@ -187,23 +190,31 @@ def binary_linear_triton(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tens
 
 @torch.library.custom_op("fxopt::binary_linear", mutates_args=())
 def binary_linear(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                  mask: Optional[torch.Tensor], in_features: int, extras: list[torch.Tensor], epilogue: str) -> torch.Tensor:
+                  mask: Optional[torch.Tensor], in_features: int, extras: list[torch.Tensor], epilogue: str,
+                  activations: str) -> torch.Tensor:
     """epilogue((x · Wᵀ) ⊙ scale + bias, *extras), W unpacked from `signs` (and `mask`); `epilogue`
-    is a chain's JSON (codegen.epilogue). See the module docstring."""
+    is a chain's JSON (codegen.epilogue); `activations` "int8" computes with x quantized per row
+    (codegen.binary_cpu). See the module docstring."""
     steps = ep.decode(epilogue)
     if ep.extras_used(steps) > len(extras):
         raise ValueError(f"binary_linear: epilogue {epilogue} reads {ep.extras_used(steps)} extras, got {len(extras)}")
-    run = pick(x, binary_linear_triton, binary_linear_reference)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"binary_linear: activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    run = pick(x, binary_linear_triton, binary_linear_reference, binary_linear_cpu if available() else None)
+    if run is binary_linear_cpu:
+        return run(x, signs, scale, bias, mask, in_features, extras, steps, activations)
+    if activations == "int8":
+        x = fake_quantize(x)
     return run(x, signs, scale, bias, mask, in_features, extras, steps)
 
 
 @binary_linear.register_fake
-def _(x, signs, scale, bias, mask, in_features, extras, epilogue):
+def _(x, signs, scale, bias, mask, in_features, extras, epilogue, activations):
     return x.new_empty((*x.shape[:-1], signs.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    x, signs, scale, bias, mask, in_features, extras, epilogue = inputs
+    x, signs, scale, bias, mask, in_features, extras, epilogue, _ = inputs
     ctx.save_for_backward(x, signs, scale, bias, mask, *extras)
     ctx.in_features, ctx.epilogue = in_features, epilogue
 
@@ -216,14 +227,15 @@ def _backward(ctx, grad):
     d_extras = [None] * len(extras)
     if steps:
         with torch.enable_grad():
-            z = binary_linear(x.detach(), signs, scale, bias, mask, ctx.in_features, [], "").requires_grad_()
+            z = binary_linear(x.detach(), signs, scale, bias, mask, ctx.in_features, [], "", "exact").requires_grad_()
             leaves = [e.detach().requires_grad_(e.is_floating_point()) for e in extras]
             wanted = [z] + [e for e in leaves if e.requires_grad]
             grads = torch.autograd.grad(ep.apply(z, steps, leaves), wanted, grad, allow_unused=True)
         grad, rest = grads[0], iter(grads[1:])
         d_extras = [next(rest) if e.requires_grad else None for e in leaves]
     w = unpack_weight(signs, mask, ctx.in_features, grad.dtype)
-    return (grad.contiguous() * scale.to(grad.dtype)) @ w, None, None, None, None, None, d_extras, None
+    # int8 activations get the straight-through gradient (that of exact ones)
+    return (grad.contiguous() * scale.to(grad.dtype)) @ w, None, None, None, None, None, d_extras, None, None
 
 
 binary_linear.register_autograd(_backward, setup_context=_setup)

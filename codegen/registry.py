@@ -2,8 +2,9 @@
 
     backend = auto | torch | triton
 
-* `auto` (default): Triton for CUDA tensors when Triton is installed, the torch reference
-  everywhere else (CPU tensors, no Triton).
+* `auto` (default): Triton for CUDA tensors when Triton is installed; on CPU tensors the op's CPU
+  implementation where it has one (binary_linear: an int8 GEMM through oneDNN), else the torch
+  reference (also where there is no Triton).
 * `torch`: always the reference.
 * `triton`: always Triton; on a machine without a GPU this needs `TRITON_INTERPRET=1` set before
   the kernels are imported (the tests do that), and runs the kernels on CPU tensors, slowly.
@@ -72,6 +73,11 @@ def wants_triton(x: torch.Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda
 
 
-def pick(x: torch.Tensor, triton_impl, torch_impl):
-    """The implementation to run on `x`: `triton_impl` where the backend wants Triton, else `torch_impl`."""
-    return triton_impl if wants_triton(x) else torch_impl
+def pick(x: torch.Tensor, triton_impl, torch_impl, cpu_impl=None):
+    """The implementation to run on `x`: `triton_impl` where the backend wants Triton; `cpu_impl`
+    (if given) for a CPU tensor under `auto`; else `torch_impl`."""
+    if wants_triton(x):
+        return triton_impl
+    if cpu_impl is not None and x.device.type == "cpu" and backend() == "auto":
+        return cpu_impl
+    return torch_impl

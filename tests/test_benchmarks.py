@@ -114,6 +114,17 @@ def test_minilm_recovery_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_binary_cpu_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "binary_cpu.py"), "--out", str(out), "--sizes", "96x160",
+                    "--batches", "1", "17", "--rounds", "1", "--min-run-time", "0.01"], check=True, capture_output=True,
+                   cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["out"], r["in"], r["batch"]) for r in rows] == [(96, 160, 1), (96, 160, 17)]
+    assert all(r[k] > 0 for r in rows for k in ("binary", "binary_int8", "ternary", "ternary_int8", "reference"))
+
+
+@pytest.mark.slow
 def test_budget_experiment_runs_end_to_end(tmp_path):
     out = tmp_path / "r.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "budget_digits.py"), "--out", str(out),

@@ -359,7 +359,7 @@ def test_kernel_matches_reference(m, n, k, ternary):
     x = torch.randn(m, k, device=DEVICE)
     ref = binary_linear_reference(x, p.signs, p.scale, p.bias, p.mask, k, [], ())
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, k, [], "")
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, k, [], "", "exact")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -388,7 +388,7 @@ def test_kernel_generated_epilogues(chain, m):
     extras = _extras(chain, (2, m, 21))
     ref = binary_linear_reference(x, p.signs, p.scale, p.bias, p.mask, 45, extras, ep.check(chain))
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 45, extras, ep.encode(chain))
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 45, extras, ep.encode(chain), "exact")
     assert out.shape == (2, m, 21)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -401,7 +401,7 @@ def test_kernel_half_precision(dtype, m):
     x = torch.randn(m, 96, device=DEVICE, dtype=dtype)
     ref = binary_linear_reference(x.float(), p.signs, p.scale, p.bias, p.mask, 96, [], ())
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 96, [], "")
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 96, [], "", "exact")
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
@@ -414,11 +414,11 @@ def test_op_gradient_and_opcheck(backend, chain):
     x = torch.randn(5, 40, requires_grad=True)
     extras = [torch.rand(5, 12, requires_grad=True) + 0.5, torch.rand(12, requires_grad=True)][:ep.extras_used(ep.check(chain))]
     with registry.use_backend(backend):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 40, extras, ep.encode(chain))
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 40, extras, ep.encode(chain), "exact")
         g = torch.randn_like(out)
         grads = torch.autograd.grad(out, [x, *extras], g)
         torch.library.opcheck(binary_linear, (x.detach(), p.signs, p.scale, p.bias, p.mask, 40,
-                                              [e.detach() for e in extras], ep.encode(chain)))
+                                              [e.detach() for e in extras], ep.encode(chain), "exact"))
     xr = x.detach().requires_grad_()
     expected = torch.autograd.grad(ep.apply(F.linear(xr, dense, p.bias), ep.check(chain), extras), [xr, *extras], g)
     for got, want in zip(grads, expected):
@@ -439,6 +439,6 @@ def test_kernel_real_sizes_on_gpu(m, dtype):
     x = torch.randn(m, 4096, device="cuda", dtype=dtype)
     ref = binary_linear_reference(x.float(), p.signs, p.scale, p.bias, p.mask, 4096, [], (("relu",),))
     with registry.use_backend("triton"):
-        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 4096, [], ep.encode([["relu"]]))
+        out = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 4096, [], ep.encode([["relu"]]), "exact")
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -43,6 +43,7 @@ from torch import nn
 
 from fxopt.bits import pack_bits, pack_signs, unpack_weight
 from fxopt.codegen.binary import binary_linear
+from fxopt.codegen.binary_cpu import ACTIVATIONS, fake_quantize
 
 from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, boolean, int_in, number_in, one_of, optional, register
 
@@ -201,18 +202,29 @@ class _Binary(Substitute):
 
 
 class BinaryLinear(_Binary):
+    """With `activations="int8"` the layer computes with each row of its input quantized to int8
+    (codegen.binary_cpu.fake_quantize; straight-through gradient), as its packed form's int8 path
+    does, so validation measures that error per site."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, mode: str = "binary",
-                 threshold: float = 0.7, stochastic: bool = False, backprop_bits: int | None = None):
+                 threshold: float = 0.7, stochastic: bool = False, backprop_bits: int | None = None,
+                 activations: str = "exact"):
         super().__init__()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
         self.out_features, self.in_features = weight.shape
+        self.activations = activations
         self._setup(weight, bias, mode, threshold, stochastic, backprop_bits)
 
     @classmethod
     def from_original(cls, linear: nn.Linear, mode: str = "binary", threshold: float = 0.7,
-                      stochastic: bool = False, backprop_bits: int | None = None) -> "BinaryLinear":
-        return cls(linear.weight, linear.bias, mode, threshold, stochastic, backprop_bits)
+                      stochastic: bool = False, backprop_bits: int | None = None,
+                      activations: str = "exact") -> "BinaryLinear":
+        return cls(linear.weight, linear.bias, mode, threshold, stochastic, backprop_bits, activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "int8":
+            x = straight_through(x, fake_quantize(x.detach()))
         w = self.quantized_weight()
         if self.backprop_bits and self.training:
             y = QuantizedBackprop.apply(x, w, self.backprop_bits, None)
@@ -221,7 +233,11 @@ class BinaryLinear(_Binary):
         return y if self.bias is None else y + self.bias
 
     def packed(self) -> "PackedBinaryLinear":
-        return PackedBinaryLinear(in_features=self.in_features, **self._frozen_tensors())
+        return PackedBinaryLinear(in_features=self.in_features, activations=self.activations,
+                                  **self._frozen_tensors())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", int8 activations" if self.activations == "int8" else "")
 
     deployable = packed
 
@@ -290,19 +306,20 @@ class _Packed(Substitute):
 
 class PackedBinaryLinear(FusedEpilogue, _Packed):
     """y = epilogue((x·Wᵀ)⊙α + b, *extras) with W packed 32 per int32, through the
-    `fxopt::binary_linear` op (Triton on a GPU, the torch reference elsewhere; the saved program
-    keeps the op, so the weights stay packed). The fuse pass sets `epilogue`, as for KronLinear."""
+    `fxopt::binary_linear` op (Triton on a GPU; on a CPU an int8 GEMM on W unpacked once, exact
+    unless `activations="int8"`; the saved program keeps the op, so the weights stay packed). The
+    fuse pass sets `epilogue`, as for KronLinear."""
 
     def __init__(self, signs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                 mask: torch.Tensor | None = None, epilogue: tuple = ()):
+                 mask: torch.Tensor | None = None, epilogue: tuple = (), activations: str = "exact"):
         super().__init__()
         self.in_features, self.out_features = in_features, signs.shape[0]
-        self.epilogue = epilogue
+        self.epilogue, self.activations = epilogue, activations
         self._setup(signs, mask, scale, bias)
 
     def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         return binary_linear(x, self.signs, self.scale, self.bias, self.mask, self.in_features, list(extras),
-                             self._epilogue_text)
+                             self._epilogue_text, self.activations)
 
     def dense_weight(self) -> torch.Tensor:
         return self._weight(self.in_features, self.scale.dtype) * self.scale[:, None]
@@ -310,7 +327,8 @@ class PackedBinaryLinear(FusedEpilogue, _Packed):
     def extra_repr(self) -> str:
         kind = "ternary" if self.mask is not None else "binary"
         fused = f", epilogue={self._epilogue_text}" if self.epilogue else ""
-        return f"{self.in_features}→{self.out_features}, {kind}, packed{fused}"
+        int8 = ", int8 activations" if self.activations == "int8" else ""
+        return f"{self.in_features}→{self.out_features}, {kind}, packed{int8}{fused}"
 
 
 class PackedBinaryConv(_Packed):
@@ -367,7 +385,9 @@ def packed_model(model: nn.Module) -> nn.Module:
 def _build(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     kwargs = {k: params[k] for k in ("mode", "threshold", "stochastic", "backprop_bits")}
     if isinstance(module, nn.Linear):
-        return BinaryLinear.from_original(module, **kwargs)
+        return BinaryLinear.from_original(module, **kwargs, activations=params["activations"])
+    if params["activations"] != "exact":
+        raise Decline("activations: int8 applies to linear layers (convolutions compute exactly)")
     return BinaryConv.from_original(module, **kwargs)
 
 
@@ -391,6 +411,8 @@ SPEC = register(SubstituteSpec(
               "deterministic", boolean),
         Param("backprop_bits", "training: exponent bits of the power-of-two quantized layer input in the weight "
               "gradient (null: exact)", optional(int_in(1, 8))),
+        Param("activations", "linear layers: exact (default), or int8 (each input row quantized to int8 per row: "
+              "faster on a CPU, and an error that validation reports)", one_of(ACTIVATIONS)),
     ),
     build=_build,
     defaults=BinaryLinear.from_original,

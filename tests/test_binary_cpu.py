@@ -1,0 +1,164 @@
+"""The CPU path of the 1-bit linear (codegen/binary_cpu.py): exact int8 planes against a float64
+reference at every batch size it is chosen for (the stacked and the one-after-another GEMMs, tails
+of K and N), opt-in int8 activations within their quantization bound in the layer, the op, the
+pipeline and the saved program, and the prepacked weight built once per weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt import rules
+from fxopt.codegen import binary_cpu, registry
+from fxopt.codegen import epilogue as ep
+from fxopt.codegen.binary import binary_linear, binary_linear_reference
+from fxopt.substitutes.binary import BinaryLinear, PackedBinaryLinear
+
+pytestmark = pytest.mark.skipif(not binary_cpu.available(), reason="this torch build has no oneDNN quantized linear")
+EPS = torch.finfo(torch.float32).eps
+BATCHES = [1, 2, 3, 16, 17, binary_cpu.STACK_ROWS, binary_cpu.STACK_ROWS + 1, 200]
+
+
+def packed(n, k, ternary=False, bias=True, seed=0, activations="exact") -> PackedBinaryLinear:
+    torch.manual_seed(seed)
+    layer = BinaryLinear.from_original(nn.Linear(k, n, bias=bias), mode="ternary" if ternary else "binary",
+                                       activations=activations)
+    return layer.packed()
+
+
+def exact_reference(p: PackedBinaryLinear, x: torch.Tensor) -> torch.Tensor:
+    w = p.dense_weight().double()
+    return F.linear(x.double(), w, None if p.bias is None else p.bias.double())
+
+
+def rounding(p: PackedBinaryLinear, x: torch.Tensor) -> torch.Tensor:
+    """A few fp32 roundings of the magnitudes involved (summing planes, scaling, bias)."""
+    mags = F.linear(x.abs().double(), p.dense_weight().abs().double(), None if p.bias is None else p.bias.abs().double())
+    return 8 * EPS * mags
+
+
+@pytest.mark.parametrize("m", BATCHES)
+@pytest.mark.parametrize("n,k,ternary", [(37, 45, False), (64, 96, True), (300, 513, False), (33, 700, True)])
+def test_exact_path_is_within_its_bound_at_every_batch_size(m, n, k, ternary):
+    p = packed(n, k, ternary, seed=m + n)
+    x = torch.randn(m, k) * 3
+    x[0, :5] = 0  # zeros and a large outlier in a row
+    x[-1, 7] = 1e3
+    with registry.use_backend("auto"):
+        y = p(x)
+    assert registry.pick(x, None, binary_linear_reference, binary_cpu.binary_linear_cpu) is binary_cpu.binary_linear_cpu
+    err = (y.double() - exact_reference(p, x)).abs()
+    bound = binary_cpu.exact_error_bound(x, p.scale).double() + rounding(p, x)
+    assert (err <= bound).all(), (err / bound).max()
+    # without an outlier (which coarsens its row's planes: the bound above), as close as the dense
+    # fp32 layer itself
+    x = torch.randn(m, k)
+    err = (p(x).double() - exact_reference(p, x)).abs().max()
+    assert err <= 4 * (F.linear(x, p.dense_weight(), p.bias).double() - exact_reference(p, x)).abs().max() + 1e-6
+
+
+def test_exact_path_keeps_leading_dims_zero_rows_dtypes_and_epilogues():
+    p = packed(21, 45, seed=3)
+    x = torch.randn(2, 5, 45)
+    chain = [["gelu"], ["mul", 0], ["add", 1]]
+    extras = [torch.rand(2, 5, 21) + 0.5, torch.rand(21)]
+    got = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 45, extras, ep.encode(chain), "exact")
+    want = ep.apply(F.linear(x, p.dense_weight(), p.bias), ep.check(chain), extras)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert p(torch.zeros(0, 45)).shape == (0, 21) and p(torch.zeros(3, 45)).abs().max() == p.bias.abs().max()
+    half = p(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), F.linear(x.bfloat16().float(), p.dense_weight(), p.bias), rtol=1e-2, atol=1e-2)
+
+
+def test_backend_torch_runs_the_reference():
+    p = packed(16, 40, seed=4)
+    x = torch.randn(5, 40)
+    with registry.use_backend("torch"):
+        assert torch.equal(p(x), binary_linear_reference(x, p.signs, p.scale, p.bias, None, 40, [], ()))
+
+
+def test_the_prepacked_weight_is_built_once_and_again_when_the_bits_change():
+    p = packed(16, 40, seed=5)
+    x = torch.randn(3, 40)
+    p(x)
+    first = binary_cpu._prepacked[p.signs]
+    p(x)
+    assert binary_cpu._prepacked[p.signs] is first  # no unpacking on the second call
+    with torch.no_grad():
+        p.signs[0, 0] = ~p.signs[0, 0]  # a trained or edited layer: the cache sees the new version
+    torch.testing.assert_close(p(x), F.linear(x, p.dense_weight(), p.bias), rtol=1e-5, atol=1e-5)
+    assert binary_cpu._prepacked[p.signs] is not first
+
+
+@pytest.mark.parametrize("m", [1, 17, 200])
+@pytest.mark.parametrize("ternary", [False, True])
+def test_int8_activations_stay_within_the_quantization_bound(m, ternary):
+    p = packed(48, 300, ternary, seed=m, activations="int8")
+    x = torch.randn(m, 300)
+    y = p(x).double()
+    exact = exact_reference(p, x)
+    err = (y - exact).abs()
+    assert (err <= binary_cpu.int8_error_bound(x, p.scale).double() + rounding(p, x)).all()
+    assert err.max() > 1e-4  # it does quantize: int8 is not the exact path under another name
+    # every implementation computes the same thing: the reference on the fake-quantized input
+    with registry.use_backend("torch"):
+        torch.testing.assert_close(p(x), y.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_int8_bound_follows_from_the_quantization_step():
+    x = torch.randn(7, 90) * 5
+    q = binary_cpu.fake_quantize(x)
+    s = binary_cpu.row_scale(x)
+    assert ((x - q).abs() <= s / 2).all() and ((q / s) == (q / s).round()).all() and (q / s).abs().max() <= 127
+    assert ((x.abs().amax(-1, keepdim=True) / s) > 63.5).all()  # the step is as fine as int8 allows
+    planes, s = binary_cpu.planes(x, 3)
+    back = s.double() * (planes[0].double() + planes[1].double() / 254 + planes[2].double() / 254 ** 2)
+    assert ((x.double() - back).abs() <= s.double() * 0.5 / 254 ** 2 * (1 + 1e-4)).all()
+
+
+def test_the_training_form_quantizes_as_the_packed_form_does():
+    torch.manual_seed(6)
+    layer = BinaryLinear.from_original(nn.Linear(64, 32), activations="int8").eval()
+    x = torch.randn(9, 64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, layer.packed()(x.detach()), rtol=1e-5, atol=1e-4)
+    y.sum().backward()  # straight-through: the gradient of the unquantized input
+    torch.testing.assert_close(x.grad, layer.quantized_weight().detach().sum(0).expand(9, -1))
+
+
+def test_a_rule_asks_for_int8_activations_and_the_report_measures_them(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(16, 64)
+
+    def run(activations):
+        rs = rules.parse(f"version: 1\nrules:\n  - {{substitute: binary, params: {{activations: {activations}}}}}\n",
+                         "b.yaml")
+        return fxopt.optimize(model, (x,), rs, time_sites=False)
+
+    exact, int8 = run("exact"), run("int8")
+    for e, i in zip(exact.report["sites"], int8.report["sites"]):
+        assert i["status"] == "applied" and i["params"]["activations"] == "int8"
+        assert i["error"]["rel_l2"] > e["error"]["rel_l2"]  # the quantized input's error is measured per site
+        assert "int8 activations" in i["module_after"]
+    out = int8.save(tmp_path / "out")
+    loaded = fxopt.load(out)
+    torch.testing.assert_close(loaded(x), int8.program.module()(x), rtol=1e-5, atol=1e-5)
+    state = torch.export.load(out / "model.pt2").state_dict
+    signs = [v for k, v in state.items() if k.endswith("signs")]
+    assert signs and all(v.dtype == torch.int32 for v in signs)  # still 1 bit per weight on disk
+    # and exact at every other site
+    torch.testing.assert_close(exact.program.module()(x), exact.model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_activations_are_declined_for_convolutions():
+    rs = rules.parse("version: 1\nrules:\n  - {substitute: binary, params: {activations: int8}}\n", "b.yaml")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    result = fxopt.optimize(model, (torch.randn(2, 3, 8, 8),), rs, time_sites=False)
+    conv = result.report["sites"][0]
+    assert conv["status"] == "skipped" and "int8 applies to linear layers" in conv["reason"]
+    assert result.report["sites"][1]["status"] == "applied"
