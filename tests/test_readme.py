@@ -60,3 +60,14 @@ def test_backend_training_snippet_runs():
     with pytest.raises(Exception, match="0.weight requires grad, but the kron substitute at site 0"):
         compiled(namespace["x"])
     torch._dynamo.reset()
+
+
+def test_training_at_scale_snippet_runs_in_two_processes(tmp_path):
+    from test_distributed import torchrun
+
+    snippet = re.search(r"## Training at scale\n.*?```python\n(.*?)```", README, re.S).group(1)
+    script = tmp_path / "finetune.py"
+    script.write_text(snippet + "print('finished', flush=True)\n")
+    run = torchrun(script)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("finished") == 2

@@ -73,6 +73,7 @@ class WTAHashedLinear(Substitute):
         if not 0 < index_rate <= 1:
             raise ValueError(f"index_rate={index_rate} must lie in (0, 1]")
         self.index, self.index_rate = index, index_rate
+        self.synchronized = False  # set by fxopt.distributed.data_parallel: rebuilds agree across processes
         self.exact = False
         self.rebuilds = 0
         # Derived from the weights and the seed, so not saved in a state_dict; the tables are
@@ -153,6 +154,10 @@ class WTAHashedLinear(Substitute):
         if full or self._version is None:
             self.row_keys.copy_(self.keys(self.index_vectors()))
         else:
+            if self.synchronized:  # training across processes (fxopt.distributed): the same rows everywhere
+                from fxopt.distributed import union_across_processes
+
+                union_across_processes(self.dirty)
             rows = self.dirty.nonzero().squeeze(1)
             if rows.numel():
                 self.row_keys[rows] = self.keys(self.index_vectors(rows)).to(torch.int32)
@@ -173,6 +178,13 @@ class WTAHashedLinear(Substitute):
             self._steps += 1
         elif self.weight._version != self._version:
             self.rebuild()
+
+    def parameters_for_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) as the gathered product reads them: their row gradients are sparse, or,
+        across processes (`synchronized`), dense, which DDP can all-reduce."""
+        if not self.synchronized:
+            return self.weight, self.bias
+        return _DenseGradient.apply(self.weight), None if self.bias is None else _DenseGradient.apply(self.bias)
 
     def training_step(self) -> bool:
         """This call is part of a training step: it counts towards the rebuild schedule and the rows
@@ -204,7 +216,7 @@ class WTAHashedLinear(Substitute):
         rows, valid = self.select(x2)
         if self.training_step():
             self._touch(rows[valid])
-        logits = gathered_linear(x2, self.weight, self.bias, rows)
+        logits = gathered_linear(x2, *self.parameters_for_gradients(), rows)
         c = self.out_features
         # Invalid entries go to a sink column that is cut off, so no output is written twice.
         out = x2.new_full((x2.shape[0], c + 1), self.fill).scatter_(1, rows.masked_fill(~valid, c), logits)
@@ -212,6 +224,18 @@ class WTAHashedLinear(Substitute):
         if _tracing() or missing.any():  # eager skips the op (and its copy of the output) when it has nothing to do
             out = dense_fallback(out, x2, self.weight, self.bias, missing)
         return out.reshape(*x.shape[:-1], c)
+
+
+class _DenseGradient(torch.autograd.Function):
+    """Identity whose backward turns a sparse gradient dense."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to_dense() if grad.is_sparse else grad
 
 
 def _tracing() -> bool:
@@ -232,7 +256,7 @@ def sampled_softmax_loss(layer: WTAHashedLinear, x: torch.Tensor, target: torch.
     keep = torch.cat([torch.ones_like(valid[:, :1]), valid & (rows[:, 1:] != target[:, None])], 1)
     if layer.training_step():
         layer._touch(rows[keep])
-    logits = gathered_linear(x2, layer.weight, layer.bias, rows).masked_fill(~keep, -math.inf)
+    logits = gathered_linear(x2, *layer.parameters_for_gradients(), rows).masked_fill(~keep, -math.inf)
     return F.cross_entropy(logits, torch.zeros_like(target))
 
 
