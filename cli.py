@@ -70,18 +70,26 @@ def optimize(
                                     "original layer (rules with require_speedup are always timed)"),
     strict: bool = typer.Option(False, "--strict", help="exit 2 if any site is rolled back or end-to-end tolerance fails"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes to split layer-wise training across (starts "
+                              "torchrun; under torchrun, leave it at 1)"),
 ) -> None:
     """Trace MODEL.py, apply RULES, (train,) validate, and write model.pt2 and reports into OUT."""
+    from fxopt import distributed
     from fxopt.layerwise import Layerwise
     from fxopt.pipeline import optimize as run
     from fxopt.report import print_summary
     from fxopt.trace import calibration_batches, load_calibration_file, load_model_file
 
-    if verbose:
+    if nproc > 1:
+        rules_mod.load(rules)  # a bad rule file: one line, before any process starts
+        raise typer.Exit(_torchrun(nproc))
+    distributed.init_from_environment()
+    main = distributed.world()[0] == 0
+    if verbose and main:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         layerwise = Layerwise(steps=layerwise_steps, lr=layerwise_lr, loss=layerwise_loss, distill_steps=distill_steps,
-                              distill_lr=distill_lr, distill_sites=distill_sites, progress=True)
+                              distill_lr=distill_lr, distill_sites=distill_sites, progress=main)
     except ValueError as exc:
         raise FxoptError(str(exc)) from None
     ruleset = rules_mod.load(rules)  # rule errors before the (slower) model import
@@ -93,6 +101,8 @@ def optimize(
         calibration = calibration_batches(spec, calib_batches)
     result = run(spec.model, spec.example_inputs, ruleset, calibration=calibration, source=str(model),
                  layerwise=layerwise, time_sites=time_sites, evaluate=spec.evaluate)
+    if result is None:  # a process other than 0 under torchrun: its share of training is done
+        return
     result.save(out)
     print_summary(result.report, console, stages=verbose)
     console.print(f"wrote {out}/model.pt2, report.json, report.md, report.html")
@@ -101,6 +111,29 @@ def optimize(
     if strict and (rolled or e2e["violations"]):
         problems = [f"{rolled} site(s) rolled back"] if rolled else []
         raise StrictFailure("--strict: " + "; ".join(problems + e2e["violations"]) + f" (results kept in {out})")
+
+
+def _torchrun(nproc: int) -> int:
+    """This very command under torchrun (torch.distributed.run, in this process) with `nproc`
+    processes and without --nproc, one thread each unless OMP_NUM_THREADS says otherwise; its exit
+    code: 0, or a failed process's (each printed its own one-line error)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    argv, args = [], iter(sys.argv[1:])
+    for arg in args:
+        if arg == "--nproc":
+            next(args, None)  # and its value
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report: a traceback
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "fxopt", *argv]))
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        return 2 if 2 in codes else max(codes, default=1) or 1
+    return 0
 
 
 @app.command()

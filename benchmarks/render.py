@@ -347,6 +347,22 @@ def binary_cpu(r: dict) -> list[str]:
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 
+def layerwise_distributed(r: dict) -> list[str]:
+    one, two = r["configs"]
+    lines = ["## Layer-wise training across processes (CPU)", "", machine(r), "",
+             f"`benchmarks/layerwise_distributed.py`: `fxopt optimize MODEL --rules {r['rules']} --layerwise-steps "
+             f"{r['steps']} --no-time-sites`, {one} against `--nproc 2` ({two}, under torchrun), run alternately; "
+             "medians. The layer-wise stage as process 0's report times it (measuring step costs, training, "
+             "gathering the trained substitutes); the whole command includes starting the processes.", "",
+             f"| model | sites trained | layer-wise stage: {one} | {two} | ratio | whole command ratio |",
+             "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        m = x["median"]
+        lines.append(f"| {x['model']} | {x['sites_trained']} | {m[one]['layerwise_s']:.2f} s | {m[two]['layerwise_s']:.2f} s "
+                     f"| {x['layerwise_ratio']:.2f}× | {x['command_ratio']:.2f}× |")
+    return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
+
+
 def budget_digits(r: dict) -> list[str]:
     lines = ["## The accuracy budget against per-site tolerances (CPU)", "", machine(r), "",
              f"`benchmarks/budget_digits.py`: the demo model (`{r['model']}`, a trained digit classifier; its "
@@ -386,6 +402,7 @@ def main() -> None:
              ("examples_cpu.json", examples),
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
+    files += [("layerwise_distributed_cpu.json", layerwise_distributed)]
     files += [("binary_cpu.json", binary_cpu), ("binary_digits_cpu.json", binary_digits),
               ("budget_digits_cpu.json", budget_digits)]
     files += [(f"rescale_cnn_{name}cpu.json", rescale_cnn)  # the five-seed runs first

@@ -1,5 +1,14 @@
-"""Training a rewritten model across processes with PyTorch's own engines (docs/architecture.md,
-"Training at scale"): `torch.distributed`, launched by `torchrun`; nothing of fxopt's own.
+"""Work across processes with PyTorch's own engines (docs/architecture.md, "Training at scale"):
+`torch.distributed`, launched by `torchrun`; nothing of fxopt's own.
+
+`fxopt optimize` under `torchrun --nproc-per-node N` (or `fxopt optimize --nproc N`, which starts
+torchrun itself) splits layer-wise training across the processes: `balance` gives each site to a
+process (longest first onto the least loaded, by the time of a training step measured in process 0
+and sent to all), each trains its share on the same
+calibration batches, and `share_from_owners` broadcasts every trained substitute from its owner;
+process 0 alone goes on (validation, gate, export, the output folder).
+
+Training a rewritten model:
 
     model = rewrite(model, example_inputs, "lowrank", training=True).model   # fxopt.pipeline
     model = data_parallel(model)        # DistributedDataParallel
@@ -20,6 +29,11 @@ shards every parameter along its first dimension and gathers it for the forward.
 """
 
 from __future__ import annotations
+
+import itertools
+import os
+from datetime import timedelta
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -95,3 +109,60 @@ def union_across_processes(mask: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         mask.copy_(flags.bool())
     return mask
+
+
+TIMEOUT = float(os.environ.get("FXOPT_DIST_TIMEOUT", 1800))  # seconds a collective may wait
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_environment() -> bool:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); gloo on CPU,
+    NCCL where CUDA is available; collectives time out after FXOPT_DIST_TIMEOUT seconds (1800), so
+    a process whose peer died ends instead of waiting forever. False when there is nothing to join."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=TIMEOUT))
+    return True
+
+
+def balance(costs: Sequence[float], parts: int) -> list[int]:
+    """The process that owns each item: the costliest first, each onto the least loaded process."""
+    load, owners = [0.0] * parts, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owners[i] = min(range(parts), key=lambda p: (load[p], p))
+        load[owners[i]] += costs[i]
+    return owners
+
+
+def from_main(compute: Callable[[], Any]) -> Any:
+    """`compute()` run in process 0 alone, its result sent to every process."""
+    box = [compute() if world()[0] == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def share_from_owners(modules: Sequence[nn.Module], owners: Sequence[int]) -> None:
+    """Every process ends with each module's parameters and buffers as its owner left them: one
+    broadcast per owner, of everything it owns flattened (per dtype)."""
+    for owner in sorted(set(owners)):
+        tensors = [t.data for m, o in zip(modules, owners) if o == owner
+                   for t in itertools.chain(m.parameters(), m.buffers())]
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=owner)
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view_as(t))
+
+
+def merged(part: dict[str, Any]) -> dict[str, Any]:
+    """The union of every process's dict (keys are disjoint: each names what its process owned)."""
+    parts: list[Any] = [None] * world()[1]
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}

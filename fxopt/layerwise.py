@@ -8,10 +8,11 @@ solve that least-squares problem in closed form (`fit_inputs`: lowrank's SVD of 
 whitened by the inputs' Gram matrix) does so first, from one pass over the data; the gradient
 steps then start from the optimum of the squared error.
 
-Streaming keeps memory bounded: every step runs the original graph once on one calibration batch
-(an fx `Interpreter` that keeps only the sites' inputs and outputs), and every site takes one
-optimiser step on that batch; nothing is stored across steps. Losses are scale-free, so one
-learning rate fits every site:
+Every step, every site takes one optimiser step on one calibration batch: the original graph's
+values at the sites' inputs and outputs on that batch (an fx `Interpreter` that keeps only those).
+They are recorded once per batch and kept while all batches' fit in a budget
+($FXOPT_LAYERWISE_CACHE_MB, 2 GiB); beyond it the graph runs again at every step, so memory stays
+bounded by one batch. Losses are scale-free, so one learning rate fits every site:
 
     mse     ‖y − t‖² / ‖t‖²               (relative squared error)
     cosine  1 − mean over samples of cos(y, t)
@@ -25,7 +26,10 @@ to reproduce the original model's outputs.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -36,6 +40,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
+from . import distributed
 from .match import Site
 from .substitutes import Substitute, constrain_
 from .validate import Recorder, eval_mode
@@ -86,6 +91,48 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
     """
     if not candidates or config.steps == 0 or not batches:
         return {}
+    return _train(gm, candidates, batches, config)
+
+
+def split(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
+          config: Layerwise) -> list[int]:
+    """Across the processes of the group (every one calls it alike): the process that trains each
+    site, balanced by the measured time of a training step (each process times a share of the
+    sites; fxopt.distributed.balance)."""
+    rank, size = distributed.world()
+    probed = [c for i, c in enumerate(candidates) if i % size == rank]
+    costs = distributed.merged(dict(zip((site.key for site, _ in probed), _step_seconds(gm, probed, batches, config))))
+    return distributed.balance([costs[site.key] for site, _ in candidates], size)
+
+
+def _step_seconds(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
+                  config: Layerwise, steps: int = 2) -> list[float]:
+    """Seconds of one training step of each site, measured on copies (the fastest of `steps` after
+    one warm-up): what splitting the sites across processes balances. FLOPs do not predict it: a
+    narrow layer on a large image costs several times its FLOPs' share."""
+    keep = {n for site, _ in candidates for n in (site.input, site.output)}
+    values = _Recordings(gm, keep, batches[:1])[0]
+    criterion, seconds = loss_fn(config.loss), []
+    for site, module in candidates:
+        trial = copy.deepcopy(module).train()
+        opt = torch.optim.Adam(trial.parameters(), lr=config.lr)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            try:
+                loss = criterion(trial(values[site.input]), values[site.output].detach())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            except Exception:  # it will fail in training too, at once
+                break
+            times.append(time.perf_counter() - start)
+        seconds.append(min(times[1:], default=0.0))
+    return seconds
+
+
+def _train(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
+           config: Layerwise) -> dict[str, dict[str, float | int]]:
     fit_to_inputs(gm, candidates, batches)
     criterion = loss_fn(config.loss)
     keep = {n for site, _ in candidates for n in (site.input, site.output)}
@@ -94,17 +141,16 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
     window = min(len(batches), config.steps)
     losses: dict[str, list[float]] = {site.key: [] for site, _ in candidates}
     failed: set[str] = set()
+    recorded = _Recordings(gm, keep, batches)
     with _progress(config.progress, [site.key for site, _ in candidates], config.steps) as advance, \
             _training(m for _, m in candidates):
         for step in range(config.steps):
-            with torch.no_grad():
-                rec = Recorder(gm, keep)
-                rec.run(*batches[step % len(batches)])
+            values = recorded[step % len(batches)]
             for site, module in candidates:
                 if site.key in failed:
                     continue
                 try:
-                    loss = criterion(module(rec.values[site.input]), rec.values[site.output].detach())
+                    loss = criterion(module(values[site.input]), values[site.output].detach())
                 except Exception:  # validation reports why; training just leaves this site alone
                     failed.add(site.key)
                     continue
@@ -123,6 +169,39 @@ def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]]
               "loss_before": _mean(v[:window]), "loss_after": _mean(v[-window:]), "curve": curve(v)}
         for key, v in losses.items() if key not in failed
     }
+
+
+CACHE_BYTES = int(float(os.environ.get("FXOPT_LAYERWISE_CACHE_MB", 2048)) * 2**20)
+
+
+class _Recordings:
+    """The sites' inputs and outputs on each batch, from the original graph. The graph runs once
+    per batch and its values are kept while all batches' fit in CACHE_BYTES
+    ($FXOPT_LAYERWISE_CACHE_MB, 2048); beyond that it runs again at every step (streaming: memory
+    bounded by one batch). Either way every step sees the same values."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node], batches: Sequence[tuple]):
+        self.gm, self.keep, self.batches = gm, keep, batches
+        self.kept: dict[int, dict[fx.Node, torch.Tensor]] | None = {}
+
+    @torch.no_grad()
+    def _record(self, i: int) -> dict[fx.Node, torch.Tensor]:
+        rec = Recorder(self.gm, self.keep)
+        rec.run(*self.batches[i])
+        return rec.values
+
+    def __getitem__(self, i: int) -> dict[fx.Node, torch.Tensor]:
+        if self.kept is None:
+            return self._record(i)
+        if i not in self.kept:
+            values = self._record(i)
+            size = sum(t.numel() * t.element_size() for t in tree_leaves(list(values.values()))
+                       if isinstance(t, torch.Tensor))
+            if size * len(self.batches) > CACHE_BYTES:
+                self.kept = None
+                return values
+            self.kept[i] = values
+        return self.kept[i]
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from . import budget
+from . import budget, distributed
 from . import rules as rules_mod
 from . import substitutes
 from .budget import Evaluate, check_bounded, metric_changes, metric_violations, run_evaluate
@@ -59,7 +59,7 @@ from .errors import FxoptError, first_line
 from .flops import dense_flops, param_count, storage_bytes, substitute_flops
 from .gate import site_latency, verdict
 from .graphs import summarize
-from .layerwise import Layerwise, distill, train_sites
+from .layerwise import Layerwise, distill, split, train_sites
 from .match import Decision, Site, choose_rules, find_sites, unseen
 from .passes import cleanup, collapse, freeze, fuse, live_nodes, substitute
 from .report import build_report
@@ -148,7 +148,7 @@ class _Stages:
 def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
              calibration: Iterable[tuple] | None = None, source: str | None = None,
              layerwise: Layerwise | None = None, time_sites: bool = True, export_program: bool = True,
-             freeze_substitutes: bool = True, evaluate: Evaluate | None = None) -> Result:
+             freeze_substitutes: bool = True, evaluate: Evaluate | None = None) -> Result | None:
     """Rewrite `model` by `rules` (a path, a shipped name such as "kron", or a RuleSet).
 
     Validation runs on the example inputs and on every calibration batch given. `layerwise`
@@ -160,7 +160,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     the substitutes keep their training form and the freeze stage is skipped. `evaluate(model)
     -> {metric: number}` (the user's own, e.g. accuracy on held-out data) is run on the original
     model and on the result; the rule file may bound it, and with `end_to_end.enforce` sites are
-    rolled back, most harmful first, until every bound holds (fxopt/budget.py).
+    rolled back, most harmful first, until every bound holds (fxopt/budget.py). Under torchrun
+    (a process group initialised), every process calls it alike: layer-wise training is split
+    across them, and every process but 0 returns None after it (fxopt/distributed.py).
     """
     ruleset = rules_mod.load(rules)
     layerwise = layerwise or Layerwise()
@@ -183,6 +185,8 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     if layerwise.steps:
         with stage("layerwise"):
             train_candidates(traced.gm, candidates, records, batches, calib or batches, layerwise)
+    if distributed.world()[0] != 0:
+        return None  # under torchrun the other processes' part ends here: process 0 goes on alone
     with stage("validate"):
         accepted = validate_sites(traced.gm, candidates, records, batches)
     with stage("gate"):
@@ -320,9 +324,17 @@ def _still_placed(gm: fx.GraphModule, placed: list[dict], accepted: list[tuple[S
 
 def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],
                      batches: list[tuple], train_batches: list[tuple], config: Layerwise) -> None:
-    """Layer-wise training; each record keeps its site's error before training (`error_init`)."""
-    before = site_errors(gm, candidates, batches)
-    trained = train_sites(gm, candidates, train_batches, config)
+    """Layer-wise training; each record keeps its site's error before training (`error_init`).
+    Under torchrun each process measures and trains its share of the sites (layerwise.split), and
+    every process ends with all of them trained (fxopt/distributed.py)."""
+    rank, size = distributed.world()
+    owners = split(gm, candidates, train_batches, config) if size > 1 and candidates else None
+    mine = candidates if owners is None else [c for c, owner in zip(candidates, owners) if owner == rank]
+    before = site_errors(gm, mine, batches)
+    trained = train_sites(gm, mine, train_batches, config)
+    if owners is not None:
+        distributed.share_from_owners([m for _, m in candidates], owners)
+        before, trained = distributed.merged(before), distributed.merged(trained)
     for site, _ in candidates:
         rec = records[site.key]
         rec.error_init = None if "failed" in before[site.key] else before[site.key]
