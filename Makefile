@@ -53,6 +53,7 @@ bench: $(VENV)/.installed bench-rescale
 	$(BIN)/python benchmarks/examples.py --pairs mlp:lowrank transformer:lowrank cnn:separable cnn:bottleneck \
 		--layerwise-steps 100 --out benchmarks/results/examples_efficient_cpu.json
 	$(BIN)/python benchmarks/layerwise_cnn.py --out benchmarks/results/layerwise_cnn_cpu.json
+	$(BIN)/python benchmarks/layerwise_distributed.py --out benchmarks/results/layerwise_distributed_cpu.json
 	$(BIN)/python benchmarks/layerwise_cnn.py --seed 1 --out benchmarks/results/layerwise_cnn_seed1_cpu.json
 	$(BIN)/python benchmarks/binary_cpu.py --out benchmarks/results/binary_cpu.json
 	$(BIN)/python benchmarks/binary_digits.py --seeds 0 1 2 3 4 --out benchmarks/results/binary_digits_cpu.json
