@@ -83,7 +83,7 @@ def optimize(
     if nproc > 1:
         rules_mod.load(rules)  # a bad rule file: one line, before any process starts
         raise typer.Exit(_torchrun(nproc))
-    distributed.init_from_environment()
+    across = distributed.init_from_environment()
     main = distributed.world()[0] == 0
     if verbose and main:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -100,7 +100,7 @@ def optimize(
     else:
         calibration = calibration_batches(spec, calib_batches)
     result = run(spec.model, spec.example_inputs, ruleset, calibration=calibration, source=str(model),
-                 layerwise=layerwise, time_sites=time_sites, evaluate=spec.evaluate)
+                 layerwise=layerwise, time_sites=time_sites, evaluate=spec.evaluate, across_processes=across)
     if result is None:  # a process other than 0 under torchrun: its share of training is done
         return
     result.save(out)

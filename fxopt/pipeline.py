@@ -148,7 +148,8 @@ class _Stages:
 def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_mod.RuleSet, *,
              calibration: Iterable[tuple] | None = None, source: str | None = None,
              layerwise: Layerwise | None = None, time_sites: bool = True, export_program: bool = True,
-             freeze_substitutes: bool = True, evaluate: Evaluate | None = None) -> Result | None:
+             freeze_substitutes: bool = True, evaluate: Evaluate | None = None,
+             across_processes: bool = False) -> Result | None:
     """Rewrite `model` by `rules` (a path, a shipped name such as "kron", or a RuleSet).
 
     Validation runs on the example inputs and on every calibration batch given. `layerwise`
@@ -160,9 +161,10 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     the substitutes keep their training form and the freeze stage is skipped. `evaluate(model)
     -> {metric: number}` (the user's own, e.g. accuracy on held-out data) is run on the original
     model and on the result; the rule file may bound it, and with `end_to_end.enforce` sites are
-    rolled back, most harmful first, until every bound holds (fxopt/budget.py). Under torchrun
-    (a process group initialised), every process calls it alike: layer-wise training is split
-    across them, and every process but 0 returns None after it (fxopt/distributed.py).
+    rolled back, most harmful first, until every bound holds (fxopt/budget.py). With
+    `across_processes` (under torchrun, every process of the group calling it alike; what `fxopt
+    optimize` does there), layer-wise training is split across the processes and every process but
+    0 returns None after it (fxopt/distributed.py).
     """
     ruleset = rules_mod.load(rules)
     layerwise = layerwise or Layerwise()
@@ -184,9 +186,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         records, candidates = build(decisions, live_nodes(traced.gm.graph))
     if layerwise.steps:
         with stage("layerwise"):
-            train_candidates(traced.gm, candidates, records, batches, calib or batches, layerwise)
-    if distributed.world()[0] != 0:
-        return None  # under torchrun the other processes' part ends here: process 0 goes on alone
+            train_candidates(traced.gm, candidates, records, batches, calib or batches, layerwise, across_processes)
+    if across_processes and distributed.world()[0] != 0:
+        return None  # the other processes' part ends here: process 0 goes on alone
     with stage("validate"):
         accepted = validate_sites(traced.gm, candidates, records, batches)
     with stage("gate"):
@@ -323,11 +325,12 @@ def _still_placed(gm: fx.GraphModule, placed: list[dict], accepted: list[tuple[S
 
 
 def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]], records: dict[str, SiteRecord],
-                     batches: list[tuple], train_batches: list[tuple], config: Layerwise) -> None:
+                     batches: list[tuple], train_batches: list[tuple], config: Layerwise,
+                     across_processes: bool = False) -> None:
     """Layer-wise training; each record keeps its site's error before training (`error_init`).
-    Under torchrun each process measures and trains its share of the sites (layerwise.split), and
-    every process ends with all of them trained (fxopt/distributed.py)."""
-    rank, size = distributed.world()
+    `across_processes`: each process measures and trains its share of the sites (layerwise.split),
+    and every process ends with all of them trained (fxopt/distributed.py)."""
+    rank, size = distributed.world() if across_processes else (0, 1)
     owners = split(gm, candidates, train_batches, config) if size > 1 and candidates else None
     mine = candidates if owners is None else [c for c, owner in zip(candidates, owners) if owner == rank]
     before = site_errors(gm, mine, batches)
