@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fxopt.bits import unpack_weight, words_for
 
@@ -239,3 +240,25 @@ def _backward(ctx, grad):
 
 
 binary_linear.register_autograd(_backward, setup_context=_setup)
+
+
+_scaled = WeakIdKeyDictionary()  # signs → (state key, α-scaled dense weight)
+
+
+@torch.library.custom_op("fxopt::binary_weight", mutates_args=())
+def binary_weight(signs: torch.Tensor, scale: torch.Tensor, mask: Optional[torch.Tensor], in_features: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The dense (out, in_features) weight α ⊙ W of packed planes, for a packed convolution. It is
+    unpacked once per weight tensor (and again when the planes or α change in place) and kept in a
+    table keyed weakly by `signs`; each call returns a copy, so nothing downstream can alter it."""
+    state = (signs._version, scale._version, in_features, dtype, None if mask is None else (id(mask), mask._version))
+    entry = _scaled.get(signs)
+    if entry is None or entry[0] != state:
+        entry = (state, unpack_weight(signs, mask, in_features, dtype) * scale.to(dtype)[:, None])
+        _scaled[signs] = entry
+    return entry[1].clone()  # never the kept tensor: Inductor may reuse an op output's buffer once it is dead
+
+
+@binary_weight.register_fake
+def _(signs, scale, mask, in_features, dtype):
+    return signs.new_empty((signs.shape[0], in_features), dtype=dtype)

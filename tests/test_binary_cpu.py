@@ -162,3 +162,25 @@ def test_int8_activations_are_declined_for_convolutions():
     conv = result.report["sites"][0]
     assert conv["status"] == "skipped" and "int8 applies to linear layers" in conv["reason"]
     assert result.report["sites"][1]["status"] == "applied"
+
+
+def test_a_packed_convolution_unpacks_its_weight_once_and_hands_out_copies():
+    from fxopt.codegen import binary as kernel
+    from fxopt.substitutes.binary import BinaryConv
+
+    torch.manual_seed(7)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    packed = BinaryConv.from_original(conv, mode="ternary").packed()
+    x = torch.randn(2, 6, 9, 9)
+    dense = (packed._weight(54, torch.float32) * packed.scale[:, None]).view(10, 6, 3, 3)
+    torch.testing.assert_close(packed(x), F.conv2d(x, dense, packed.bias, padding=1), rtol=1e-5, atol=1e-5)
+    first = kernel._scaled[packed.signs]
+    w = kernel.binary_weight(packed.signs, packed.scale, packed.mask, 54, torch.float32)
+    assert kernel._scaled[packed.signs] is first  # not unpacked again
+    w.zero_()  # a copy: the next call is unharmed
+    torch.testing.assert_close(kernel.binary_weight(packed.signs, packed.scale, packed.mask, 54, torch.float32),
+                               dense.view(10, 54))
+    with torch.no_grad():
+        packed.scale.mul_(2)  # α changed in place: rebuilt
+    torch.testing.assert_close(packed(x), F.conv2d(x, 2 * dense, packed.bias, padding=1), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(kernel.binary_weight, (packed.signs, packed.scale, packed.mask, 54, torch.float32))

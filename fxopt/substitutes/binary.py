@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.bits import pack_bits, pack_signs, unpack_weight
-from fxopt.codegen.binary import binary_linear
+from fxopt.codegen.binary import binary_linear, binary_weight
 from fxopt.codegen.binary_cpu import ACTIVATIONS, fake_quantize
 
 from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, boolean, int_in, number_in, one_of, optional, register
@@ -332,7 +332,8 @@ class PackedBinaryLinear(FusedEpilogue, _Packed):
 
 
 class PackedBinaryConv(_Packed):
-    """Packed conv: the weights are unpacked and the convolution runs in torch (no conv kernel yet)."""
+    """Packed conv: α ⊙ W unpacked once per weight (`fxopt::binary_weight`, which keeps it), then
+    torch's convolution, as dense as the original's (no 1-bit conv kernel yet)."""
 
     def __init__(self, signs, scale, bias, shape: tuple[int, ...], conv: tuple, mask=None):
         super().__init__()
@@ -341,9 +342,9 @@ class PackedBinaryConv(_Packed):
         self._setup(signs, mask, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._weight(math.prod(self.shape[1:]), x.dtype).view(self.shape)
-        y = _CONV[self.dims](x, w, None, self.stride, self.padding, self.dilation, self.groups)
-        return y * _channel(self.scale.to(x.dtype), x) + _channel(self.bias, x)
+        w = binary_weight(self.signs, self.scale, self.mask, math.prod(self.shape[1:]), x.dtype).view(self.shape)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _CONV[self.dims](x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         kind = "ternary" if self.mask is not None else "binary"
