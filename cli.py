@@ -75,15 +75,26 @@ def optimize(
 ) -> None:
     """Trace MODEL.py, apply RULES, (train,) validate, and write model.pt2 and reports into OUT."""
     from fxopt import distributed
-    from fxopt.layerwise import Layerwise
-    from fxopt.pipeline import optimize as run
-    from fxopt.report import print_summary
-    from fxopt.trace import calibration_batches, load_calibration_file, load_model_file
 
     if nproc > 1:
         rules_mod.load(rules)  # a bad rule file: one line, before any process starts
         raise typer.Exit(_torchrun(nproc))
     across = distributed.init_from_environment()
+    try:
+        _optimize(model, rules, out, calib_batches, calib, layerwise_steps, layerwise_lr, layerwise_loss, distill_steps,
+                  distill_lr, distill_sites, time_sites, strict, verbose, across)
+    finally:
+        distributed.leave()
+
+
+def _optimize(model, rules, out, calib_batches, calib, layerwise_steps, layerwise_lr, layerwise_loss, distill_steps,
+              distill_lr, distill_sites, time_sites, strict, verbose, across) -> None:
+    from fxopt import distributed
+    from fxopt.layerwise import Layerwise
+    from fxopt.pipeline import optimize as run
+    from fxopt.report import print_summary
+    from fxopt.trace import calibration_batches, load_calibration_file, load_model_file
+
     main = distributed.world()[0] == 0
     if verbose and main:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -131,6 +131,13 @@ def init_from_environment() -> bool:
     return True
 
 
+def leave() -> None:
+    """Destroy the process group, if there is one, while the interpreter is whole: gloo's worker
+    threads still holding work at interpreter exit abort the process (SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def balance(costs: Sequence[float], parts: int) -> list[int]:
     """The process that owns each item: the costliest first, each onto the least loaded process."""
     load, owners = [0.0] * parts, [0] * len(costs)
