@@ -75,53 +75,42 @@ def optimize(
 ) -> None:
     """Trace MODEL.py, apply RULES, (train,) validate, and write model.pt2 and reports into OUT."""
     from fxopt import distributed
-
-    if nproc > 1:
-        rules_mod.load(rules)  # a bad rule file: one line, before any process starts
-        raise typer.Exit(_torchrun(nproc))
-    across = distributed.init_from_environment()
-    try:
-        _optimize(model, rules, out, calib_batches, calib, layerwise_steps, layerwise_lr, layerwise_loss, distill_steps,
-                  distill_lr, distill_sites, time_sites, strict, verbose, across)
-    finally:
-        distributed.leave()
-
-
-def _optimize(model, rules, out, calib_batches, calib, layerwise_steps, layerwise_lr, layerwise_loss, distill_steps,
-              distill_lr, distill_sites, time_sites, strict, verbose, across) -> None:
-    from fxopt import distributed
     from fxopt.layerwise import Layerwise
     from fxopt.pipeline import optimize as run
     from fxopt.report import print_summary
     from fxopt.trace import calibration_batches, load_calibration_file, load_model_file
 
-    main = distributed.world()[0] == 0
-    if verbose and main:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
-        layerwise = Layerwise(steps=layerwise_steps, lr=layerwise_lr, loss=layerwise_loss, distill_steps=distill_steps,
-                              distill_lr=distill_lr, distill_sites=distill_sites, progress=main)
-    except ValueError as exc:
-        raise FxoptError(str(exc)) from None
-    ruleset = rules_mod.load(rules)  # rule errors before the (slower) model import
-    spec = load_model_file(model)
-    if calib is not None:
-        batch = spec.example_inputs[0].shape[0] if spec.example_inputs and spec.example_inputs[0].dim() else 1
-        calibration = load_calibration_file(calib, batch, calib_batches)
-    else:
-        calibration = calibration_batches(spec, calib_batches)
-    result = run(spec.model, spec.example_inputs, ruleset, calibration=calibration, source=str(model),
-                 layerwise=layerwise, time_sites=time_sites, evaluate=spec.evaluate, across_processes=across)
-    if result is None:  # a process other than 0 under torchrun: its share of training is done
-        return
-    result.save(out)
-    print_summary(result.report, console, stages=verbose)
-    console.print(f"wrote {out}/model.pt2, report.json, report.md, report.html")
-    totals, e2e = result.report["totals"], result.report["end_to_end"]
-    rolled = totals["rolled_back"] + totals["over_budget"]
-    if strict and (rolled or e2e["violations"]):
-        problems = [f"{rolled} site(s) rolled back"] if rolled else []
-        raise StrictFailure("--strict: " + "; ".join(problems + e2e["violations"]) + f" (results kept in {out})")
+    if nproc > 1:
+        rules_mod.load(rules)  # a bad rule file: one line, before any process starts
+        raise typer.Exit(_torchrun(nproc))
+    with distributed.process_group() as across:
+        main = distributed.world()[0] == 0
+        if verbose and main:
+            logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        try:
+            layerwise = Layerwise(steps=layerwise_steps, lr=layerwise_lr, loss=layerwise_loss, distill_steps=distill_steps,
+                                  distill_lr=distill_lr, distill_sites=distill_sites, progress=main)
+        except ValueError as exc:
+            raise FxoptError(str(exc)) from None
+        ruleset = rules_mod.load(rules)  # rule errors before the (slower) model import
+        spec = load_model_file(model)
+        if calib is not None:
+            batch = spec.example_inputs[0].shape[0] if spec.example_inputs and spec.example_inputs[0].dim() else 1
+            calibration = load_calibration_file(calib, batch, calib_batches)
+        else:
+            calibration = calibration_batches(spec, calib_batches)
+        result = run(spec.model, spec.example_inputs, ruleset, calibration=calibration, source=str(model),
+                     layerwise=layerwise, time_sites=time_sites, evaluate=spec.evaluate, across_processes=across)
+        if result is None:  # a process other than 0 under torchrun: its share of training is done
+            return
+        result.save(out)
+        print_summary(result.report, console, stages=verbose)
+        console.print(f"wrote {out}/model.pt2, report.json, report.md, report.html")
+        totals, e2e = result.report["totals"], result.report["end_to_end"]
+        rolled = totals["rolled_back"] + totals["over_budget"]
+        if strict and (rolled or e2e["violations"]):
+            problems = [f"{rolled} site(s) rolled back"] if rolled else []
+            raise StrictFailure("--strict: " + "; ".join(problems + e2e["violations"]) + f" (results kept in {out})")
 
 
 def _torchrun(nproc: int) -> int:

@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fxopt.bits import unpack_weight, words_for
 
 from . import epilogue as ep
-from .binary_cpu import ACTIVATIONS, available, binary_linear_cpu, fake_quantize
+from .binary_cpu import ACTIVATIONS, available, binary_linear_cpu, fake_quantize, kept, planes_state
 from .registry import HAVE_TRITON, interpreted, pick
 
 GEMV_MAX_ROWS = 16
@@ -251,12 +251,9 @@ def binary_weight(signs: torch.Tensor, scale: torch.Tensor, mask: Optional[torch
     """The dense (out, in_features) weight α ⊙ W of packed planes, for a packed convolution. It is
     unpacked once per weight tensor (and again when the planes or α change in place) and kept in a
     table keyed weakly by `signs`; each call returns a copy, so nothing downstream can alter it."""
-    state = (signs._version, scale._version, in_features, dtype, None if mask is None else (id(mask), mask._version))
-    entry = _scaled.get(signs)
-    if entry is None or entry[0] != state:
-        entry = (state, unpack_weight(signs, mask, in_features, dtype) * scale.to(dtype)[:, None])
-        _scaled[signs] = entry
-    return entry[1].clone()  # never the kept tensor: Inductor may reuse an op output's buffer once it is dead
+    state = (*planes_state(signs, mask, in_features), scale._version, dtype)
+    make = lambda: unpack_weight(signs, mask, in_features, dtype) * scale.to(dtype)[:, None]  # noqa: E731
+    return kept(_scaled, signs, state, make).clone()  # never the kept tensor: Inductor may reuse a dead output's buffer
 
 
 @binary_weight.register_fake

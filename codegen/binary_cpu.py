@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -103,31 +103,35 @@ def int8_error_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (flat - fake_quantize(flat)).abs().sum(-1, keepdim=True) * scale.abs().float()
 
 
-def _state(signs: torch.Tensor, mask: Optional[torch.Tensor], in_features: int) -> tuple:
+def kept(table: WeakIdKeyDictionary, signs: torch.Tensor, state: tuple, make: Callable[[], Any]) -> Any:
+    """A form derived from packed planes, kept in `table` under `signs` (weakly: it lives as long
+    as the layer) and made again only when `state` (what it was made from) changed."""
+    entry = table.get(signs)
+    if entry is None or entry[0] != state:
+        entry = (state, make())
+        table[signs] = entry
+    return entry[1]
+
+
+def planes_state(signs: torch.Tensor, mask: Optional[torch.Tensor], in_features: int) -> tuple:
     """What a derived form depends on: the planes' identity and in-place versions."""
     return signs._version, in_features, None if mask is None else (id(mask), mask._version)
 
 
 def _dense_weight(signs: torch.Tensor, mask: Optional[torch.Tensor], in_features: int) -> torch.Tensor:
-    state = _state(signs, mask, in_features)
-    entry = _dense.get(signs)
-    if entry is None or entry[0] != state:
-        entry = (state, unpack_weight(signs, mask, in_features, torch.float32))
-        _dense[signs] = entry
-    return entry[1]
+    return kept(_dense, signs, planes_state(signs, mask, in_features),
+                lambda: unpack_weight(signs, mask, in_features, torch.float32))
 
 
 def _weight(signs: torch.Tensor, mask: Optional[torch.Tensor], in_features: int) -> tuple[torch.Tensor, ...]:
     """The prepacked int8 weight of these planes (with unit scales and zero points), built on
     first use and again when they change."""
-    state = _state(signs, mask, in_features)
-    entry = _prepacked.get(signs)
-    if entry is None or entry[0] != state:
+    def make():
         w = unpack_weight(signs, mask, in_features, torch.float32).to(torch.int8)
         n = w.shape[0]
-        entry = (state, (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n), torch.zeros(n, dtype=torch.int64)))
-        _prepacked[signs] = entry
-    return entry[1]
+        return torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n), torch.zeros(n, dtype=torch.int64)
+
+    return kept(_prepacked, signs, planes_state(signs, mask, in_features), make)
 
 
 def _gemm(q: torch.Tensor, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -152,7 +156,7 @@ def binary_linear_cpu(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor,
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
     routes = _route.setdefault(signs, {})
-    key = (_state(signs, mask, in_features), activations, 1 << (m - 1).bit_length())
+    key = (planes_state(signs, mask, in_features), activations, 1 << (m - 1).bit_length())
     if key not in routes:
         routes[key] = _fastest(flat, signs, mask, in_features, activations)
         if "dense" not in routes.values():

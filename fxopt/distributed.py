@@ -3,10 +3,10 @@
 
 `fxopt optimize` under `torchrun --nproc-per-node N` (or `fxopt optimize --nproc N`, which starts
 torchrun itself) splits layer-wise training across the processes: `balance` gives each site to a
-process (longest first onto the least loaded, by the time of a training step measured in process 0
-and sent to all), each trains its share on the same
-calibration batches, and `share_from_owners` broadcasts every trained substitute from its owner;
-process 0 alone goes on (validation, gate, export, the output folder).
+process (longest first onto the least loaded, by the time of a training step, each process timing
+a share of the sites), each trains its share on the same calibration batches, and
+`share_from_owners` broadcasts every trained substitute from its owner; process 0 alone goes on
+(validation, gate, export, the output folder).
 
 Training a rewritten model:
 
@@ -23,8 +23,8 @@ shards every parameter along its first dimension and gathers it for the forward.
   (pytorch#111422). `data_parallel` turns them dense before DDP sees them (a (C, D) gradient per
   step: correct, not cheap), and makes every process rehash the union of the rows touched on any
   process, so that the hash tables stay identical (they are left out of DDP's buffer broadcast,
-  which would overwrite each process's touched rows with process 0's). FSDP2 has no sparse gradients at all, so
-  `fully_shard_model` refuses a model with a wta_hash head, as does `index: inputs` (its class
+  which would overwrite each process's touched rows with process 0's). FSDP2 has no sparse
+  gradients at all, so `fully_shard_model` refuses a model with a wta_hash head, as does `index: inputs` (its class
   centroids come from each process's own inputs) under either engine.
 """
 
@@ -33,7 +33,8 @@ from __future__ import annotations
 import itertools
 import os
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,21 +122,21 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_environment() -> bool:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); gloo on CPU,
-    NCCL where CUDA is available; collectives time out after FXOPT_DIST_TIMEOUT seconds (1800), so
-    a process whose peer died ends instead of waiting forever. False when there is nothing to join."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist.is_available() and dist.is_initialized()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=TIMEOUT))
-    return True
-
-
-def leave() -> None:
-    """Destroy the process group, if there is one, while the interpreter is whole: gloo's worker
-    threads still holding work at interpreter exit abort the process (SIGABRT)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def process_group() -> Iterator[bool]:
+    """Inside: the process group torchrun describes in the environment (WORLD_SIZE > 1) joined,
+    gloo on CPU, NCCL where CUDA is available, collectives timing out after FXOPT_DIST_TIMEOUT
+    seconds (1800) so that a process whose peer died ends instead of waiting forever; yields
+    whether there is one. On the way out the group is destroyed while the interpreter is whole
+    (gloo's worker threads still holding work at interpreter exit abort the process)."""
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized())
+    if joined:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=TIMEOUT))
+    try:
+        yield world()[1] > 1
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def balance(costs: Sequence[float], parts: int) -> list[int]:
@@ -145,13 +146,6 @@ def balance(costs: Sequence[float], parts: int) -> list[int]:
         owners[i] = min(range(parts), key=lambda p: (load[p], p))
         load[owners[i]] += costs[i]
     return owners
-
-
-def from_main(compute: Callable[[], Any]) -> Any:
-    """`compute()` run in process 0 alone, its result sent to every process."""
-    box = [compute() if world()[0] == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def share_from_owners(modules: Sequence[nn.Module], owners: Sequence[int]) -> None:

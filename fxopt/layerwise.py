@@ -133,15 +133,15 @@ def _step_seconds(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module
 
 def _train(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
            config: Layerwise) -> dict[str, dict[str, float | int]]:
-    fit_to_inputs(gm, candidates, batches)
-    criterion = loss_fn(config.loss)
     keep = {n for site, _ in candidates for n in (site.input, site.output)}
+    recorded = _Recordings(gm, keep, batches)
+    fit_to_inputs(candidates, recorded)
+    criterion = loss_fn(config.loss)
     optims = {site.key: torch.optim.Adam(module.parameters(), lr=config.lr) for site, module in candidates}
     scheds = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=config.steps) for k, o in optims.items()}
     window = min(len(batches), config.steps)
     losses: dict[str, list[float]] = {site.key: [] for site, _ in candidates}
     failed: set[str] = set()
-    recorded = _Recordings(gm, keep, batches)
     with _progress(config.progress, [site.key for site, _ in candidates], config.steps) as advance, \
             _training(m for _, m in candidates):
         for step in range(config.steps):
@@ -205,20 +205,18 @@ class _Recordings:
 
 
 @torch.no_grad()
-def fit_to_inputs(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple]) -> None:
+def fit_to_inputs(candidates: Sequence[tuple[Site, nn.Module]], recorded: "_Recordings") -> None:
     """Substitutes with a closed-form fit to their inputs (`fit_inputs(original layer, Gram
-    matrix)`: lowrank) take it before the gradient steps: one pass over the batches accumulates
-    each site's input Gram matrix X·Xᵀ (in × in, float64), then each substitute refits."""
+    matrix)`: lowrank) take it before the gradient steps: one pass over the recorded batches
+    accumulates each site's input Gram matrix X·Xᵀ (in × in, float64), then each substitute refits."""
     fitting = [(site, m) for site, m in candidates if isinstance(m, Substitute) and m.fits_inputs]
     if not fitting:
         return
     grams: dict[str, torch.Tensor] = {}
-    keep = {site.input for site, _ in fitting}
-    for batch in batches:
-        rec = Recorder(gm, keep)
-        rec.run(*batch)
+    for i in range(len(recorded.batches)):
+        values = recorded[i]
         for site, _ in fitting:
-            x = rec.values[site.input].detach()
+            x = values[site.input].detach()
             x = x.reshape(-1, x.shape[-1]).double()
             grams[site.key] = grams.get(site.key, 0) + x.T @ x
     for site, module in fitting:

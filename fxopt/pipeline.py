@@ -103,6 +103,13 @@ class SiteRecord:
     bytes_after: int = 0
     epilogue: list[list[Any]] | None = None  # pointwise steps fused into the substitute's kernel
 
+    def runs(self, site: Site, module: nn.Module) -> None:
+        """The 'after' figures are those of this substitute at the site."""
+        self.module_after = repr(module).replace("\n", " ")
+        self.params_after = param_count(module)
+        self.flops_after = substitute_flops(module, site.module, site.in_shape, site.out_shape)
+        self.reconstruction_error = module.reconstruction_error
+
     def keep_original(self, status: str, reason: str) -> None:
         """The site keeps its original layer (rolled back or gated): the 'after' figures are the 'before' ones."""
         self.status, self.reason = status, reason
@@ -298,10 +305,7 @@ def build(decisions: list[Decision], live: set[fx.Node] | None = None
             rec.status, rec.reason = "skipped", f"declined by {spec.name}: {exc}"
             continue
         rec.build_seconds = round(time.perf_counter() - start, 4)
-        rec.module_after = repr(module).replace("\n", " ")
-        rec.params_after = param_count(module)
-        rec.flops_after = substitute_flops(module, d.site.module, d.site.in_shape, d.site.out_shape)
-        rec.reconstruction_error = module.reconstruction_error
+        rec.runs(d.site, module)
         candidates.append((d.site, module))
     return records, candidates
 
@@ -472,10 +476,7 @@ class Ladder:
         rec.reason = f"{reason} ({changed})"
         rec.params, rec.error, rec.layerwise = rung.params, rung.error, rung.layerwise or rec.layerwise
         rec.latency = rung.latency or rec.latency
-        rec.module_after = repr(rung.module).replace("\n", " ")
-        rec.params_after = rung.size
-        rec.flops_after = substitute_flops(rung.module, site.module, site.in_shape, site.out_shape)
-        rec.reconstruction_error = rung.module.reconstruction_error
+        rec.runs(site, rung.module)
 
 
 def _short(value: Any) -> str:
