@@ -349,17 +349,22 @@ def binary_cpu(r: dict) -> list[str]:
 
 def layerwise_distributed(r: dict) -> list[str]:
     one, two = r["configs"]
-    lines = ["## Layer-wise training across processes (CPU)", "", machine(r), "",
+    distill = r.get("distill_steps")
+    lines = ["## Layer-wise training and distillation across processes (CPU)", "", machine(r), "",
              f"`benchmarks/layerwise_distributed.py`: `fxopt optimize MODEL --rules {r['rules']} --layerwise-steps "
-             f"{r['steps']} --no-time-sites`, {one} against `--nproc 2` ({two}, under torchrun), run alternately; "
-             "medians. The layer-wise stage as process 0's report times it (measuring step costs, training, "
-             "gathering the trained substitutes); the whole command includes starting the processes.", "",
-             f"| model | sites trained | layer-wise stage: {one} | {two} | ratio | whole command ratio |",
-             "|---|---|---|---|---|---|"]
+             f"{r['steps']}" + (f" --distill-steps {distill}" if distill else "") + " --no-time-sites`, "
+             f"{one} against `--nproc 2` ({two}, under torchrun), run alternately; medians. The stages as "
+             "process 0's report times them: layer-wise (recording the sites' values, measuring step costs, "
+             "training, gathering the trained substitutes) and distillation (data parallel); the whole command "
+             "includes starting the processes.", "",
+             f"| model | sites trained | layer-wise stage: {one} | {two} | ratio | distillation ratio "
+             "| whole command ratio |",
+             "|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         m = x["median"]
+        ratio = f"{x['distill_ratio']:.2f}×" if x.get("distill_ratio") else "—"
         lines.append(f"| {x['model']} | {x['sites_trained']} | {m[one]['layerwise_s']:.2f} s | {m[two]['layerwise_s']:.2f} s "
-                     f"| {x['layerwise_ratio']:.2f}× | {x['command_ratio']:.2f}× |")
+                     f"| {x['layerwise_ratio']:.2f}× | {ratio} | {x['command_ratio']:.2f}× |")
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 

@@ -2,11 +2,15 @@
 `torch.distributed`, launched by `torchrun`; nothing of fxopt's own.
 
 `fxopt optimize` under `torchrun --nproc-per-node N` (or `fxopt optimize --nproc N`, which starts
-torchrun itself) splits layer-wise training across the processes: `balance` gives each site to a
-process (longest first onto the least loaded, by the time of a training step, each process timing
-a share of the sites), each trains its share on the same calibration batches, and
-`share_from_owners` broadcasts every trained substitute from its owner; process 0 alone goes on
-(validation, gate, export, the output folder).
+torchrun itself) splits layer-wise training across the processes: each records the sites' values on
+a share of the calibration batches and they exchange them; then each site in turn, the costliest
+first (by the time of a training step, each process timing a share of the sites), goes to the first
+process free to train it (`claims`: a counter in the group's own store), and `share_from_owners`
+broadcasts every trained substitute from the process that trained it; process 0 alone validates
+and gates them (and runs the accuracy budget). Distillation, when asked for, is data parallel:
+`from_process_0` hands every process the substitutes process 0 accepted, each builds the same
+rewritten graph, and `layerwise.distill` trains it under DDP with each batch's rows split across
+the processes. Process 0 alone goes on (export, the output folder).
 
 Training a rewritten model:
 
@@ -139,13 +143,26 @@ def process_group() -> Iterator[bool]:
             dist.destroy_process_group()
 
 
-def balance(costs: Sequence[float], parts: int) -> list[int]:
-    """The process that owns each item: the costliest first, each onto the least loaded process."""
-    load, owners = [0.0] * parts, [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        owners[i] = min(range(parts), key=lambda p: (load[p], p))
-        load[owners[i]] += costs[i]
-    return owners
+def alone(alone: bool) -> None:
+    """Under `fxopt optimize --nproc N` (which sets $FXOPT_THREADS_ALONE): process 0 takes the
+    threads one process would have while the others wait or are gone (validation and the gate's
+    timings then match one process's), and gives them back while they work (one each)."""
+    threads = os.environ.get("FXOPT_THREADS_ALONE")
+    if threads and world()[0] == 0:
+        torch.set_num_threads(int(threads) if alone else int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+_CLAIMS = itertools.count()  # every process asks for claims alike, so their counts agree
+
+
+def claims(total: int, what: str) -> Iterator[int]:
+    """Indices 0 … total−1, each to the first process of the group that asks for the next one: an
+    atomic counter in the group's own key-value store (the one init_process_group set up), so a
+    process that finishes early takes more. Every process must iterate to the end."""
+    store = dist.distributed_c10d._get_default_store()
+    key = f"fxopt/{what}/{next(_CLAIMS)}"
+    while (i := store.add(key, 1) - 1) < total:
+        yield i
 
 
 def share_from_owners(modules: Sequence[nn.Module], owners: Sequence[int]) -> None:
@@ -160,6 +177,34 @@ def share_from_owners(modules: Sequence[nn.Module], owners: Sequence[int]) -> No
             dist.broadcast(flat, src=owner)
             for t, part in zip(group, flat.split([t.numel() for t in group])):
                 t.copy_(part.view_as(t))
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int) -> dict[str, torch.Tensor]:
+    """`src`'s named tensors in every process (the others pass None): their shapes and dtypes as
+    one object, then one flat broadcast per dtype."""
+    meta = [None if tensors is None else [(k, t.shape, t.dtype) for k, t in tensors.items()]]
+    dist.broadcast_object_list(meta, src=src)
+    out = {}
+    for dtype in sorted({d for _, _, d in meta[0]}, key=str):
+        items = [(k, shape) for k, shape, d in meta[0] if d == dtype]
+        if tensors is not None:
+            flat = torch.cat([tensors[k].reshape(-1) for k, _ in items])
+        else:
+            flat = torch.empty(sum(shape.numel() for _, shape in items), dtype=dtype)
+        dist.broadcast(flat, src=src)
+        out |= {k: part.view(shape) for (k, shape), part in zip(items, flat.split([s.numel() for _, s in items]))}
+    return {k: out[k] for k, _, _ in meta[0]}
+
+
+def from_process_0(accepted: list[tuple[Any, nn.Module]], candidates: Sequence[tuple[Any, nn.Module]]
+                   ) -> list[tuple[Any, nn.Module]]:
+    """Process 0's accepted (site, substitute) pairs in every process: the substitutes pickled and
+    broadcast (a budget rung is a different module from the one the process built), each paired with
+    the process's own site of the same key."""
+    sites = {site.key: site for site, _ in candidates}
+    payload = [[(site.key, module) for site, module in accepted] if world()[0] == 0 else None]
+    dist.broadcast_object_list(payload, src=0)
+    return accepted if world()[0] == 0 else [(sites[key], module) for key, module in payload[0]]
 
 
 def merged(part: dict[str, Any]) -> dict[str, Any]:

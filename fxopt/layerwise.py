@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from . import distributed
 from .match import Site
@@ -82,36 +83,36 @@ def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 
 def train_sites(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
-                config: Layerwise) -> dict[str, dict[str, float | int]]:
+                config: Layerwise, recorded: "Recordings | None" = None) -> dict[str, dict[str, float | int]]:
     """Train each substitute to reproduce its site's outputs on `batches` (cycled for config.steps).
 
     Returns, per site key, the steps taken and the mean loss over the first and the last
     `len(batches)` steps (one pass over the data each), in place since training only moves the
-    substitutes' own parameters; the original graph is only read.
+    substitutes' own parameters; the original graph is only read. `recorded`: the sites' values
+    on `batches` where the caller has them already (`record`).
     """
     if not candidates or config.steps == 0 or not batches:
         return {}
-    return _train(gm, candidates, batches, config)
+    return _train(gm, candidates, batches, config, recorded)
 
 
-def split(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
-          config: Layerwise) -> list[int]:
-    """Across the processes of the group (every one calls it alike): the process that trains each
-    site, balanced by the measured time of a training step (each process times a share of the
-    sites; fxopt.distributed.balance)."""
+def costliest_first(candidates: Sequence[tuple[Site, nn.Module]], recorded: "Recordings", config: Layerwise
+                    ) -> list[int]:
+    """Across the processes of the group (every one calls it alike): the candidates' indices, the
+    costliest to train first, by the measured time of a training step on the first recorded batch
+    (each process times a share of them). The order in which `fxopt optimize` hands sites out to
+    processes (distributed.claims)."""
     rank, size = distributed.world()
     probed = [c for i, c in enumerate(candidates) if i % size == rank]
-    costs = distributed.merged(dict(zip((site.key for site, _ in probed), _step_seconds(gm, probed, batches, config))))
-    return distributed.balance([costs[site.key] for site, _ in candidates], size)
+    costs = distributed.merged(dict(zip((site.key for site, _ in probed), _step_seconds(probed, recorded[0], config))))
+    return sorted(range(len(candidates)), key=lambda i: (-costs[candidates[i][0].key], i))
 
 
-def _step_seconds(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
-                  config: Layerwise, steps: int = 2) -> list[float]:
+def _step_seconds(candidates: Sequence[tuple[Site, nn.Module]], values: dict[fx.Node, torch.Tensor],
+                  config: Layerwise, steps: int = 4) -> list[float]:
     """Seconds of one training step of each site, measured on copies (the fastest of `steps` after
-    one warm-up): what splitting the sites across processes balances. FLOPs do not predict it: a
+    one warm-up): the cost by which sites are handed out to processes. FLOPs do not predict it: a
     narrow layer on a large image costs several times its FLOPs' share."""
-    keep = {n for site, _ in candidates for n in (site.input, site.output)}
-    values = _Recordings(gm, keep, batches[:1])[0]
     criterion, seconds = loss_fn(config.loss), []
     for site, module in candidates:
         trial = copy.deepcopy(module).train()
@@ -132,9 +133,8 @@ def _step_seconds(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module
 
 
 def _train(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
-           config: Layerwise) -> dict[str, dict[str, float | int]]:
-    keep = {n for site, _ in candidates for n in (site.input, site.output)}
-    recorded = _Recordings(gm, keep, batches)
+           config: Layerwise, recorded: "Recordings | None") -> dict[str, dict[str, float | int]]:
+    recorded = recorded if recorded is not None else record(gm, candidates, batches)
     fit_to_inputs(candidates, recorded)
     criterion = loss_fn(config.loss)
     optims = {site.key: torch.optim.Adam(module.parameters(), lr=config.lr) for site, module in candidates}
@@ -174,38 +174,75 @@ def _train(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], bat
 CACHE_BYTES = int(float(os.environ.get("FXOPT_LAYERWISE_CACHE_MB", 2048)) * 2**20)
 
 
-class _Recordings:
+def record(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple]) -> "Recordings":
+    """The values at the candidates' sites (input and output) on each batch, as they are asked for."""
+    return Recordings(gm, {n for site, _ in candidates for n in (site.input, site.output)}, batches)
+
+
+class Recordings:
     """The sites' inputs and outputs on each batch, from the original graph. The graph runs once
     per batch and its values are kept while all batches' fit in CACHE_BYTES
     ($FXOPT_LAYERWISE_CACHE_MB, 2048); beyond that it runs again at every step (streaming: memory
     bounded by one batch). Either way every step sees the same values."""
 
-    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node], batches: Sequence[tuple]):
-        self.gm, self.keep, self.batches = gm, keep, batches
-        self.kept: dict[int, dict[fx.Node, torch.Tensor]] | None = {}
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node], batches: Sequence[tuple], start: int = 0,
+                 store: dict | None = None):
+        self.gm, self.keep, self.batches, self.start = gm, keep, batches, start
+        self.store = store if store is not None else {"kept": {}, "streaming": False}  # shared with tail()s
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start
+
+    def tail(self, n: int) -> "Recordings":
+        """The last `n` batches' recordings, sharing what is kept: its batch i is batch len(self) − n + i here."""
+        return Recordings(self.gm, self.keep, self.batches, self.start + len(self) - n, self.store)
+
+    def share_across_processes(self) -> None:
+        """Every batch recorded once in the group instead of in each process: process r records
+        batches r, r + size, … and then each is broadcast (`distributed.broadcast_tensors`); each
+        process keeps them all, as it would have. Where they would not all be kept (streaming) or
+        are not all tensors, every process goes on recording its own."""
+        rank, size = distributed.world()
+        named = {n.name: n for n in self.keep}
+        mine = {j: self._record(j) for j in range(rank, len(self.batches), size)}
+        fits = all(all(isinstance(v, torch.Tensor) for v in values.values())
+                   and _bytes(values) * len(self.batches) <= CACHE_BYTES for values in mine.values())
+        agreed = torch.tensor([int(fits)])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if not agreed.item():
+            return
+        for j in range(len(self.batches)):
+            values = mine.get(j)
+            shared = distributed.broadcast_tensors(None if values is None else {n.name: v for n, v in values.items()},
+                                                   src=j % size)
+            self.store["kept"][j] = values if values is not None else {named[k]: v for k, v in shared.items()}
 
     @torch.no_grad()
-    def _record(self, i: int) -> dict[fx.Node, torch.Tensor]:
-        rec = Recorder(self.gm, self.keep)
-        rec.run(*self.batches[i])
+    def _record(self, j: int) -> dict[fx.Node, torch.Tensor]:
+        rec = Recorder(self.gm, self.keep, stop=True)
+        rec.run(*self.batches[j])
         return rec.values
 
     def __getitem__(self, i: int) -> dict[fx.Node, torch.Tensor]:
-        if self.kept is None:
-            return self._record(i)
-        if i not in self.kept:
-            values = self._record(i)
-            size = sum(t.numel() * t.element_size() for t in tree_leaves(list(values.values()))
-                       if isinstance(t, torch.Tensor))
-            if size * len(self.batches) > CACHE_BYTES:
-                self.kept = None
+        j, kept = self.start + i, self.store["kept"]
+        if self.store["streaming"]:
+            return self._record(j)
+        if j not in kept:
+            values = self._record(j)
+            if _bytes(values) * len(self.batches) > CACHE_BYTES:
+                self.store["streaming"] = True
+                kept.clear()
                 return values
-            self.kept[i] = values
-        return self.kept[i]
+            kept[j] = values
+        return kept[j]
+
+
+def _bytes(values: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(list(values.values())) if isinstance(t, torch.Tensor))
 
 
 @torch.no_grad()
-def fit_to_inputs(candidates: Sequence[tuple[Site, nn.Module]], recorded: "_Recordings") -> None:
+def fit_to_inputs(candidates: Sequence[tuple[Site, nn.Module]], recorded: "Recordings") -> None:
     """Substitutes with a closed-form fit to their inputs (`fit_inputs(original layer, Gram
     matrix)`: lowrank) take it before the gradient steps: one pass over the recorded batches
     accumulates each site's input Gram matrix X·Xᵀ (in × in, float64), then each substitute refits."""
@@ -213,7 +250,7 @@ def fit_to_inputs(candidates: Sequence[tuple[Site, nn.Module]], recorded: "_Reco
     if not fitting:
         return
     grams: dict[str, torch.Tensor] = {}
-    for i in range(len(recorded.batches)):
+    for i in range(len(recorded)):
         values = recorded[i]
         for site, _ in fitting:
             x = values[site.input].detach()
@@ -225,8 +262,8 @@ def fit_to_inputs(candidates: Sequence[tuple[Site, nn.Module]], recorded: "_Reco
 
 def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequence[nn.Module],
             batches: Sequence[tuple], config: Layerwise,
-            reference: tuple[fx.GraphModule, Sequence[tuple[fx.Node, nn.Module]]] | None = None
-            ) -> dict[str, float | int] | None:
+            reference: tuple[fx.GraphModule, Sequence[tuple[fx.Node, nn.Module]]] | None = None,
+            across_processes: bool = False) -> dict[str, float | int] | None:
     """Train the substitutes inside the rewritten model so that its outputs match the original
     model's (relative squared error over every floating-point output). Everything else in the
     rewritten model stays frozen and in eval mode (batch-norm statistics do not move).
@@ -238,13 +275,20 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     the layer-wise objective, on the inputs the rewritten model gives each layer instead of the
     original's, so errors do not pile up from layer to layer. The original's outputs then come
     from the reference graph's run (the trace computes what the model computes; end_to_end checks
-    it)."""
+    it).
+
+    `across_processes` (every process of the group calling it alike, on the same batches): data
+    parallel, DistributedDataParallel over the rewritten model and each batch's rows split across
+    the processes (`_Shards`). Each process's loss is its rows' squared error over the whole
+    batch's target norm (one all-reduce of the sums), times the number of processes, so that DDP's
+    mean of the gradients is the whole batch's gradient: the steps are those of one process, up to
+    float summation order."""
     params = [p for m in substitutes for p in m.parameters()]
     if not params or config.distill_steps == 0 or not batches:
         return None
+    rank, size = distributed.world() if across_processes else (0, 1)
     ours = {id(p) for p in params}
     frozen = [p for p in rewritten.parameters() if id(p) not in ours and p.requires_grad]
-    criterion = loss_fn("mse")
     opt = torch.optim.Adam(params, lr=config.distill_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.distill_steps)
     window = min(len(batches), config.distill_steps)
@@ -255,11 +299,14 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     losses, site_losses = [], []
     for p in frozen:
         p.requires_grad_(False)
+    heads = [m for m in rewritten.modules() if hasattr(m, "synchronized")]
     try:
         with eval_mode(original), eval_mode(rewritten), _training(substitutes), \
-                _progress(config.progress, ["distill"], config.distill_steps, "") as advance:
+                _progress(config.progress and rank == 0, ["distill"], config.distill_steps, "") as advance:
+            model = distributed.data_parallel(rewritten, broadcast_buffers=False) if size > 1 else rewritten
+            shards = _Shards(original, rank, size)
             for step in range(config.distill_steps):
-                batch = batches[step % len(batches)]
+                batch = shards(step % len(batches), batches[step % len(batches)])
                 with torch.no_grad():
                     if per_site:
                         graph, pairs = reference
@@ -268,14 +315,22 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
                         targets = _float_leaves(rec.run(*batch))
                         site_targets = [rec.values[n] for n in nodes]
                     else:
-                        targets = _float_leaves(original(*batch))
-                outs = _float_leaves(rewritten(*batch))
-                loss = sum(criterion(o, t) for o, t in zip(outs, targets)) / max(len(targets), 1)
-                losses.append(loss.item())
+                        targets, site_targets = _float_leaves(original(*batch)), []
+                outs = _float_leaves(model(*batch))
+                pairs = list(zip(outs, targets)) + [(outputs[i], t) for i, t in enumerate(site_targets)]
+                errors = [(o - t).square().sum() for o, t in pairs]
+                sums = torch.stack([e.detach().double() for e in errors] +
+                                   [t.detach().double().square().sum() for _, t in pairs])
+                if size > 1:  # the whole batch's squared errors (for the record) and target norms
+                    dist.all_reduce(sums)
+                norms = sums[len(pairs):].clamp_min(1e-12)
+                relative = [e * size / n.to(e.dtype) for e, n in zip(errors, norms)]  # DDP averages: × size
+                n_out = len(targets)
+                loss = sum(relative[:n_out]) / max(n_out, 1)
+                losses.append((sums[:n_out] / norms[:n_out]).mean().item() if n_out else 0.0)
                 if per_site:
-                    site_loss = sum(criterion(outputs[i], t) for i, t in enumerate(site_targets)) / len(site_targets)
-                    site_losses.append(site_loss.item())
-                    loss = loss + config.distill_sites * site_loss
+                    loss = loss + config.distill_sites * sum(relative[n_out:]) / len(site_targets)
+                    site_losses.append((sums[n_out:len(pairs)] / norms[n_out:]).mean().item())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -288,12 +343,62 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
             h.remove()
         for p in frozen:
             p.requires_grad_(True)
+        for head in heads:
+            head.synchronized = False
     stats = {"steps": len(losses), "loss_before": _mean(losses[:window]), "loss_after": _mean(losses[-window:]),
              "curve": curve(losses)}
+    if size > 1:
+        stats["processes"] = size
+        stats["split_batches"] = shards.split
     if per_site:
         stats |= {"sites_weight": config.distill_sites, "site_loss_before": _mean(site_losses[:window]),
                   "site_loss_after": _mean(site_losses[-window:])}
     return stats
+
+
+class _Shards:
+    """Each process's part of a batch for data-parallel distillation: its share of the rows
+    (dimension 0 of every tensor input), or the whole batch on every process where the rows cannot
+    be split. They can when every tensor input has the same number of rows, at least one per
+    process, and the original model's outputs on this process's rows equal its outputs on the whole
+    batch at those rows (checked once per batch, agreed by every process): a model whose samples
+    do not interact in eval mode. A model that takes (sequence, batch, …) inputs fails the check and
+    runs whole batches. Either way every step computes what one process would (`distill`)."""
+
+    def __init__(self, original: nn.Module, rank: int, size: int):
+        self.original, self.rank, self.size = original, rank, size
+        self.parts: dict[int, tuple] = {}
+        self.split = 0  # how many of the batches are split
+
+    def __call__(self, i: int, batch: tuple) -> tuple:
+        if self.size == 1:
+            return batch
+        if i not in self.parts:
+            part = self._rows(batch)
+            agreed = torch.tensor([int(part is not None)])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            self.parts[i] = part if agreed.item() else batch
+            self.split += int(agreed.item())
+        return self.parts[i]
+
+    @torch.no_grad()
+    def _rows(self, batch: tuple) -> tuple | None:
+        leaves, spec = tree_flatten(batch)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        rows = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
+        if rows < self.size or any(t.dim() == 0 or t.shape[0] != rows for t in tensors):
+            return None
+        lo, hi = self.rank * rows // self.size, (self.rank + 1) * rows // self.size
+        part = tree_unflatten([t[lo:hi] if isinstance(t, torch.Tensor) else t for t in leaves], spec)
+        whole, mine = _float_leaves(self.original(*batch)), _float_leaves(self.original(*part))
+        for w, m in zip(whole, mine):
+            if w.dim() == 0 or w.shape[0] != rows or m.shape != (hi - lo, *w.shape[1:]):
+                return None
+            w = w[lo:hi]
+            scale = w[w.isfinite()].abs().max().item() if w.isfinite().any() else 0.0
+            if not torch.isclose(m, w, rtol=1e-3, atol=1e-4 * scale + 1e-7).all():
+                return None
+        return part if len(whole) == len(mine) else None
 
 
 def curve(losses: Sequence[float], points: int = 50) -> list[float]:

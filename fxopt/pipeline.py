@@ -39,6 +39,7 @@ Every stage's name and time go into the log and the report; every site leaves a 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 import time
@@ -59,7 +60,7 @@ from .errors import FxoptError, first_line
 from .flops import dense_flops, param_count, storage_bytes, substitute_flops
 from .gate import site_latency, verdict
 from .graphs import summarize
-from .layerwise import Layerwise, distill, split, train_sites
+from .layerwise import Layerwise, costliest_first, distill, record, train_sites
 from .match import Decision, Site, choose_rules, find_sites, unseen
 from .passes import cleanup, collapse, freeze, fuse, live_nodes, substitute
 from .report import build_report
@@ -170,8 +171,9 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
     model and on the result; the rule file may bound it, and with `end_to_end.enforce` sites are
     rolled back, most harmful first, until every bound holds (fxopt/budget.py). With
     `across_processes` (under torchrun, every process of the group calling it alike; what `fxopt
-    optimize` does there), layer-wise training is split across the processes and every process but
-    0 returns None after it (fxopt/distributed.py).
+    optimize` does there), layer-wise training is split across the processes, distillation runs
+    data parallel on the substitutes process 0 accepted, and every process but 0 returns None after
+    them (fxopt/distributed.py).
     """
     ruleset = rules_mod.load(rules)
     layerwise = layerwise or Layerwise()
@@ -191,21 +193,31 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
         not_seen = unseen(traced.gm, sites, {u.path: u.reason for u in traced.unexpanded})
     with stage("build"):
         records, candidates = build(decisions, live_nodes(traced.gm.graph))
+    if (layerwise.steps or layerwise.distill_steps) and candidates:
+        with stage("imports"):  # torch.optim imports TorchDynamo at its first optimizer (≈0.6 s, once; export
+            importlib.import_module("torch._dynamo")  # needs it too): kept out of the training stages' times
     if layerwise.steps:
         with stage("layerwise"):
             train_candidates(traced.gm, candidates, records, batches, calib or batches, layerwise, across_processes)
-    if across_processes and distributed.world()[0] != 0:
-        return None  # the other processes' part ends here: process 0 goes on alone
-    with stage("validate"):
-        accepted = validate_sites(traced.gm, candidates, records, batches)
-    with stage("gate"):
-        accepted = gate_sites(accepted, records, time_sites)
-    search = None
-    if ruleset.enforce and accepted:
-        with stage("budget"):
-            ladder = Ladder(traced.gm, accepted, records, batches, calib or batches, layerwise)
-            accepted, search = enforce_budget(model, traced.gm, accepted, records, ruleset, batches, evaluate,
-                                              metrics_before, ladder)
+    helper = across_processes and distributed.world()[0] != 0  # process 0 alone validates, gates, writes
+    if helper and not layerwise.distill_steps:
+        return None  # the other processes' part ends here
+    if across_processes:
+        distributed.alone(True)
+    search, accepted = None, []
+    if not helper:
+        with stage("validate"):
+            accepted = validate_sites(traced.gm, candidates, records, batches)
+        with stage("gate"):
+            accepted = gate_sites(accepted, records, time_sites)
+        if ruleset.enforce and accepted:
+            with stage("budget"):
+                ladder = Ladder(traced.gm, accepted, records, batches, calib or batches, layerwise)
+                accepted, search = enforce_budget(model, traced.gm, accepted, records, ruleset, batches, evaluate,
+                                                  metrics_before, ladder)
+    if across_processes and layerwise.distill_steps:  # the others distil with it: they take its substitutes
+        accepted = distributed.from_process_0(accepted, candidates)
+        distributed.alone(False)
     reference = None
     if layerwise.distill_steps and layerwise.distill_sites and accepted:  # the original graph, for per-site targets
         with warnings.catch_warnings():  # torch's pytree warns about its own specs when they are copied
@@ -227,7 +239,12 @@ def optimize(model: nn.Module, example_inputs: tuple, rules: str | Path | rules_
                 named = {n.name: n for n in reference.graph.nodes}
                 reference = (reference, [(named[site.output.name], m) for site, m in accepted
                                          if m.validated_by != "recall"])
-            distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise, reference)
+            distilled = distill(model, gm, [m for _, m in accepted], calib or batches, layerwise, reference,
+                                across_processes)
+    if helper:
+        return None
+    if across_processes:
+        distributed.alone(True)
     params_after = param_count(gm)  # before freeze: a packed weight is still one weight
     if freeze_substitutes:
         with stage("freeze"):
@@ -332,16 +349,28 @@ def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]
                      batches: list[tuple], train_batches: list[tuple], config: Layerwise,
                      across_processes: bool = False) -> None:
     """Layer-wise training; each record keeps its site's error before training (`error_init`).
-    `across_processes`: each process measures and trains its share of the sites (layerwise.split),
-    and every process ends with all of them trained (fxopt/distributed.py)."""
+    `train_batches` are the last of `batches` (the calibration batches, or all): one recording of
+    the sites' values serves both. `across_processes`: each site goes to the first process free to
+    train it, the costliest first (distributed.claims), and every process ends with all of them
+    trained (fxopt/distributed.py)."""
+    recorded = record(gm, candidates, batches)  # one run of the graph per batch, for the errors and the training
+    train_recorded = recorded.tail(len(train_batches))
     rank, size = distributed.world() if across_processes else (0, 1)
-    owners = split(gm, candidates, train_batches, config) if size > 1 and candidates else None
-    mine = candidates if owners is None else [c for c, owner in zip(candidates, owners) if owner == rank]
-    before = site_errors(gm, mine, batches)
-    trained = train_sites(gm, mine, train_batches, config)
-    if owners is not None:
-        distributed.share_from_owners([m for _, m in candidates], owners)
+    if size > 1 and candidates:  # one site at a time to whichever process is free, the costliest first
+        recorded.share_across_processes()
+        before, trained, mine = {}, {}, {}
+        order = costliest_first(candidates, train_recorded, config)
+        for k in distributed.claims(len(order), "layerwise"):
+            pair = candidates[order[k]]
+            before |= site_errors(gm, [pair], batches, recorded)
+            trained |= train_sites(gm, [pair], train_batches, config, train_recorded)
+            mine[pair[0].key] = rank
+        owners = distributed.merged(mine)
+        distributed.share_from_owners([m for _, m in candidates], [owners[site.key] for site, _ in candidates])
         before, trained = distributed.merged(before), distributed.merged(trained)
+    else:
+        before = site_errors(gm, candidates, batches, recorded)
+        trained = train_sites(gm, candidates, train_batches, config, train_recorded)
     for site, _ in candidates:
         rec = records[site.key]
         rec.error_init = None if "failed" in before[site.key] else before[site.key]

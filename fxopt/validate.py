@@ -146,35 +146,54 @@ def stats_for(module: nn.Module) -> ErrorStats | RecallStats:
     return RecallStats() if isinstance(module, Substitute) and module.validated_by == "recall" else ErrorStats()
 
 
-class Recorder(fx.Interpreter):
-    """Runs a graph and keeps the values of the nodes in `keep`."""
+class _Recorded(Exception):
+    """Every kept value is in: the rest of the graph need not run."""
 
-    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]):
+
+class Recorder(fx.Interpreter):
+    """Runs a graph and keeps the values of the nodes in `keep`. With `stop=True` it stops at the
+    last of them (run() then returns None): a site's values need not wait for the model's head."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node], stop: bool = False):
         super().__init__(gm)
-        self.keep, self.values = keep, {}
+        self.keep, self.values, self.stop = keep, {}, stop
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
         if n in self.keep:
             self.values[n] = value
+            if self.stop and len(self.values) == len(self.keep):
+                self.extra_traceback = False  # fx would annotate the exception with the graph: slow
+                raise _Recorded
         return value
+
+    def run(self, *args, **kwargs):
+        try:
+            return super().run(*args, **kwargs)
+        except _Recorded:
+            return None
 
 
 @torch.no_grad()
-def site_errors(gm: fx.GraphModule, pairs: Sequence[tuple[Site, nn.Module]],
-                batches: Iterable[tuple]) -> dict[str, dict[str, float | None]]:
-    """Per-site error of each substitute against the original layer, on identical inputs."""
+def site_errors(gm: fx.GraphModule, pairs: Sequence[tuple[Site, nn.Module]], batches: Sequence[tuple],
+                recorded: Sequence[dict[fx.Node, torch.Tensor]] | None = None) -> dict[str, dict[str, float | None]]:
+    """Per-site error of each substitute against the original layer, on identical inputs.
+    `recorded`: the sites' values on each batch where the caller has them (layerwise.record)."""
     stats = {site.key: stats_for(module) for site, module in pairs}
     failed: dict[str, str] = {}
     keep = {n for site, _ in pairs for n in (site.input, site.output)}
-    for batch in batches:
-        rec = Recorder(gm, keep)
-        rec.run(*batch)
+    for i, batch in enumerate(batches):
+        if recorded is not None:
+            values = recorded[i]
+        else:
+            rec = Recorder(gm, keep, stop=True)
+            rec.run(*batch)
+            values = rec.values
         for site, module in pairs:
             if site.key in failed:
                 continue
             try:
-                stats[site.key].update(rec.values[site.output], module(rec.values[site.input]))
+                stats[site.key].update(values[site.output], module(values[site.input]))
             except Exception as exc:  # a substitute that cannot run on this input is rolled back
                 failed[site.key] = f"substitute failed on the site's input: {type(exc).__name__}: {exc}"
     return {key: ({"failed": failed[key]} if key in failed else s.metrics()) for key, s in stats.items()}
