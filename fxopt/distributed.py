@@ -34,6 +34,7 @@ shards every parameter along its first dimension and gathers it for the forward.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from datetime import timedelta
@@ -75,6 +76,14 @@ def data_parallel(model: nn.Module, **ddp_options) -> nn.parallel.DistributedDat
     if tables:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, tables)
     return nn.parallel.DistributedDataParallel(model, **ddp_options)
+
+
+# DDP options for buffers that are equal everywhere and never change in training (distillation
+# trains substitutes in a model held in eval mode): no broadcast before each forward. torch 2.13
+# renamed the option and warns on the old name.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
 
 
 def fully_shard_model(model: nn.Module, mesh=None, **fsdp_options) -> nn.Module:

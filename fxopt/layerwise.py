@@ -303,7 +303,7 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     try:
         with eval_mode(original), eval_mode(rewritten), _training(substitutes), \
                 _progress(config.progress and rank == 0, ["distill"], config.distill_steps, "") as advance:
-            model = distributed.data_parallel(rewritten, broadcast_buffers=False) if size > 1 else rewritten
+            model = distributed.data_parallel(rewritten, **distributed.NO_BUFFER_SYNC) if size > 1 else rewritten
             shards = _Shards(original, rank, size)
             for step in range(config.distill_steps):
                 batch = shards(step % len(batches), batches[step % len(batches)])
