@@ -283,9 +283,15 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     batch's target norm (one all-reduce of the sums), times the number of processes, so that DDP's
     mean of the gradients is the whole batch's gradient: the steps are those of one process, up to
     float summation order."""
-    params = [p for m in substitutes for p in m.parameters()]
-    if not params or config.distill_steps == 0 or not batches:
+    if config.distill_steps == 0 or not batches:
         return None
+    # a head validated by recall (wta_hash) computes its top candidates and fills the rest with −inf:
+    # a squared error does not fit it, so it stays as built (and its outputs' fill is not compared)
+    substitutes = [m for m in substitutes if getattr(m, "validated_by", "error") != "recall"]
+    params = [p for m in substitutes for p in m.parameters()]
+    if not params:
+        return {"steps": 0, "reason": "no substitute to distil (wta_hash heads are left as built: they are "
+                                      "measured by recall, which a squared error does not train)"}
     rank, size = distributed.world() if across_processes else (0, 1)
     ours = {id(p) for p in params}
     frozen = [p for p in rewritten.parameters() if id(p) not in ours and p.requires_grad]
@@ -299,11 +305,11 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     losses, site_losses = [], []
     for p in frozen:
         p.requires_grad_(False)
-    heads = [m for m in rewritten.modules() if hasattr(m, "synchronized")]
     try:
         with eval_mode(original), eval_mode(rewritten), _training(substitutes), \
                 _progress(config.progress and rank == 0, ["distill"], config.distill_steps, "") as advance:
-            model = distributed.data_parallel(rewritten, **distributed.NO_BUFFER_SYNC) if size > 1 else rewritten
+            model = nn.parallel.DistributedDataParallel(rewritten, **distributed.NO_BUFFER_SYNC) if size > 1 \
+                else rewritten
             shards = _Shards(original, rank, size)
             for step in range(config.distill_steps):
                 batch = shards(step % len(batches), batches[step % len(batches)])
@@ -318,6 +324,7 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
                         targets, site_targets = _float_leaves(original(*batch)), []
                 outs = _float_leaves(model(*batch))
                 pairs = list(zip(outs, targets)) + [(outputs[i], t) for i, t in enumerate(site_targets)]
+                pairs = [(o, t) if o.isfinite().all() else (o[o.isfinite()], t[o.isfinite()]) for o, t in pairs]
                 errors = [(o - t).square().sum() for o, t in pairs]
                 sums = torch.stack([e.detach().double() for e in errors] +
                                    [t.detach().double().square().sum() for _, t in pairs])
@@ -343,8 +350,6 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
             h.remove()
         for p in frozen:
             p.requires_grad_(True)
-        for head in heads:
-            head.synchronized = False
     stats = {"steps": len(losses), "loss_before": _mean(losses[:window]), "loss_after": _mean(losses[-window:]),
              "curve": curve(losses)}
     if size > 1:

@@ -275,7 +275,8 @@ def _training_lines(report: dict[str, Any]) -> list[str]:
                      f"on {t['batches']} batch(es).")
     if t.get("distill"):
         d = t["distill"]
-        lines.append(f"Distillation: {d['steps']} steps, output loss {fmt(d['loss_before'])} → {fmt(d['loss_after'])}"
+        lines.append(f"Distillation: none: {d['reason']}." if d.get("reason") else
+                     f"Distillation: {d['steps']} steps, output loss {fmt(d['loss_before'])} → {fmt(d['loss_after'])}"
                      + (f"; curve {sample_curve(d['curve'])}" if d.get("curve") else "") + ".")
     return ["", *lines] if lines else []
 

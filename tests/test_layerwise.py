@@ -135,3 +135,26 @@ def test_distillation_with_per_site_targets_pulls_every_layer_towards_its_origin
     assert d["sites_weight"] == 1.0 and d["site_loss_after"] < d["site_loss_before"]
     assert "site_loss_after" not in plain.report["training"]["distill"]
     assert layer_error(per_site) < layer_error(plain)
+
+
+def test_distillation_leaves_a_wta_hash_head_as_built_and_trains_the_rest():
+    """A wta_hash head fills all but its candidates with −inf: distillation neither trains it (its
+    outputs are measured by recall) nor compares the fill; the layers before it still train, and a
+    model whose only substitute is such a head says in its report why nothing was distilled."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 4096)).eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(32, 64, generator=g),) for _ in range(3)]
+    head = "  - {match: {op: linear, out_features: {min: 4096}}, substitute: wta_hash, params: {k: 8, num_hashes: 64, " \
+           "bands: 16, candidates: 512}}\n"
+    hidden = "  - {match: {op: linear, out_features: {max: 256}}, substitute: lowrank, params: {rank: 8}}\n"
+    layerwise = Layerwise(distill_steps=20, distill_lr=1e-3)
+    both = fxopt.optimize(model, calib[0], parse("version: 1\nrules:\n" + head + hidden), calibration=calib,
+                          time_sites=False, layerwise=layerwise)
+    assert {s["substitute"]: s["status"] for s in both.report["sites"]} == {"lowrank": "applied", "wta_hash": "applied"}
+    d = both.report["training"]["distill"]
+    assert d["steps"] == 20 and d["loss_after"] < d["loss_before"] and torch.isfinite(torch.tensor(d["loss_after"]))
+    only_head = fxopt.optimize(model, calib[0], parse("version: 1\nrules:\n" + head), calibration=calib,
+                               time_sites=False, layerwise=layerwise)
+    assert only_head.report["training"]["distill"]["steps"] == 0
+    assert "wta_hash heads are left as built" in only_head.report["training"]["distill"]["reason"]
