@@ -142,11 +142,15 @@ def _train(gm: fx.GraphModule, candidates: Sequence[tuple[Site, nn.Module]], bat
     window = min(len(batches), config.steps)
     losses: dict[str, list[float]] = {site.key: [] for site, _ in candidates}
     failed: set[str] = set()
+    # sites are independent: with every batch's values kept, one site at a time through all its steps
+    # (its weights and optimizer state stay in cache: 6% faster on cnn9); streaming, all sites at
+    # each step, so the graph runs once per step rather than once per site and step
+    groups = [[c] for c in candidates] if recorded.kept_whole() else [list(candidates)]
     with _progress(config.progress, [site.key for site, _ in candidates], config.steps) as advance, \
             _training(m for _, m in candidates):
-        for step in range(config.steps):
+        for group, step in ((g, step) for g in groups for step in range(config.steps)):
             values = recorded[step % len(batches)]
-            for site, module in candidates:
+            for site, module in group:
                 if site.key in failed:
                     continue
                 try:
@@ -192,6 +196,10 @@ class Recordings:
 
     def __len__(self) -> int:
         return len(self.batches) - self.start
+
+    def kept_whole(self) -> bool:
+        """Whether every batch's values stay in memory (judged from the first batch's size)."""
+        return not self.store["streaming"] and (len(self) == 0 or self[0] is self.store["kept"].get(self.start))
 
     def tail(self, n: int) -> "Recordings":
         """The last `n` batches' recordings, sharing what is kept: its batch i is batch len(self) − n + i here."""

@@ -158,3 +158,37 @@ def test_distillation_leaves_a_wta_hash_head_as_built_and_trains_the_rest():
                                time_sites=False, layerwise=layerwise)
     assert only_head.report["training"]["distill"]["steps"] == 0
     assert "wta_hash heads are left as built" in only_head.report["training"]["distill"]["reason"]
+
+
+def test_streaming_recordings_train_the_same_as_kept_ones(monkeypatch):
+    """Beyond the cache budget the sites' values are recorded again at every step and all sites
+    step together; within it they are kept and each site trains alone through its steps. The
+    trained substitutes are the same either way."""
+    import fxopt.layerwise as layerwise
+
+    model, example, calib = mlp_setup()
+    rules = ruleset(RULES["lowrank"][1])
+
+    def trained():
+        result = fxopt.optimize(model, example, rules, calibration=calib, time_sites=False,
+                                layerwise=Layerwise(steps=12, lr=3e-3))
+        return result.model.state_dict()
+
+    kept = trained()
+    monkeypatch.setattr(layerwise, "CACHE_BYTES", 1)
+    streamed = trained()
+    assert kept.keys() == streamed.keys()
+    for k in kept:
+        torch.testing.assert_close(streamed[k], kept[k], rtol=1e-6, atol=1e-7)
+    recorded = layerwise.record(*_graph_and_candidates(model, example, rules), calib)
+    assert not recorded.kept_whole() and recorded.store["streaming"]
+
+
+def _graph_and_candidates(model, example, rules):
+    from fxopt import pipeline
+    from fxopt.match import find_sites
+    from fxopt.trace import trace
+
+    traced = trace(model, example, "m")
+    _, candidates = pipeline.build(pipeline.choose_rules(find_sites(traced.gm), rules))
+    return traced.gm, candidates
