@@ -27,7 +27,14 @@ from fxopt.save import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["examples/cnn.py", "benchmarks/models/cnn9.py"]
-CONFIGS = {"1 process × 2 threads": ([], "2"), "2 processes × 1 thread": (["--nproc", "2"], "1")}
+# --nproc runs each process with one thread itself, and process 0 takes back the launcher's (two)
+# while it works alone (fxopt.distributed.alone): the launcher keeps the machine's default
+CONFIGS = {"1 process × 2 threads": ([], "2"), "2 processes × 1 thread": (["--nproc", "2"], None)}
+
+
+def _env(threads: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return env if threads is None else env | {"OMP_NUM_THREADS": threads}
 
 
 def run(model: str, extra: list[str], threads: str, steps: int, distill: int) -> dict:
@@ -37,7 +44,7 @@ def run(model: str, extra: list[str], threads: str, steps: int, distill: int) ->
         subprocess.run([sys.executable, "-m", "fxopt", "optimize", str(ROOT / model), "--rules", "bottleneck",
                         "--layerwise-steps", str(steps), "--distill-steps", str(distill), "--no-time-sites",
                         "--out", str(out), *extra],
-                       check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": threads}, cwd=ROOT)
+                       check=True, capture_output=True, env=_env(threads), cwd=ROOT)
         wall = time.perf_counter() - start
         report = json.loads((out / "report.json").read_text())
     stages = {s["name"]: s["seconds"] for s in report["stages"]}
