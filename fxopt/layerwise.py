@@ -283,7 +283,8 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
     the layer-wise objective, on the inputs the rewritten model gives each layer instead of the
     original's, so errors do not pile up from layer to layer. The original's outputs then come
     from the reference graph's run (the trace computes what the model computes; end_to_end checks
-    it).
+    it). The targets of each batch are computed once and kept while all batches' fit the layer-wise
+    cache budget (CACHE_BYTES); beyond it the original runs again at every step.
 
     `across_processes` (every process of the group calling it alike, on the same batches): data
     parallel, DistributedDataParallel over the rewritten model and each batch's rows split across
@@ -319,17 +320,19 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
             model = nn.parallel.DistributedDataParallel(rewritten, **distributed.NO_BUFFER_SYNC) if size > 1 \
                 else rewritten
             shards = _Shards(original, rank, size)
+            kept: dict[int, tuple] | None = {}  # each batch's targets, while all batches' fit CACHE_BYTES
             for step in range(config.distill_steps):
-                batch = shards(step % len(batches), batches[step % len(batches)])
-                with torch.no_grad():
-                    if per_site:
-                        graph, pairs = reference
-                        nodes = [n for n, _ in pairs]
-                        rec = Recorder(graph, set(nodes))
-                        targets = _float_leaves(rec.run(*batch))
-                        site_targets = [rec.values[n] for n in nodes]
-                    else:
-                        targets, site_targets = _float_leaves(original(*batch)), []
+                i = step % len(batches)
+                batch = shards(i, batches[i])
+                if kept is not None and i in kept:
+                    targets, site_targets = kept[i]
+                else:
+                    targets, site_targets = _targets(original, reference if per_site else None, batch)
+                    nbytes = sum(t.numel() * t.element_size() for t in targets + site_targets)
+                    if kept is not None and nbytes * len(batches) <= CACHE_BYTES:
+                        kept[i] = (targets, site_targets)
+                    else:  # beyond the budget: the original runs at every step (memory: one batch)
+                        kept = None
                 outs = _float_leaves(model(*batch))
                 pairs = list(zip(outs, targets)) + [(outputs[i], t) for i, t in enumerate(site_targets)]
                 pairs = [(o, t) if o.isfinite().all() else (o[o.isfinite()], t[o.isfinite()]) for o, t in pairs]
@@ -367,6 +370,20 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
         stats |= {"sites_weight": config.distill_sites, "site_loss_before": _mean(site_losses[:window]),
                   "site_loss_after": _mean(site_losses[-window:])}
     return stats
+
+
+@torch.no_grad()
+def _targets(original: nn.Module, reference: tuple[fx.GraphModule, Sequence[tuple[fx.Node, nn.Module]]] | None,
+             batch: tuple) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What distillation pulls towards on `batch`: the original's floating-point outputs, and with
+    `reference` (the traced graph, pairs of a site's output node and its substitute) each site's
+    original output, from one run of that graph."""
+    if reference is None:
+        return _float_leaves(original(*batch)), []
+    graph, pairs = reference
+    nodes = [n for n, _ in pairs]
+    rec = Recorder(graph, set(nodes))
+    return _float_leaves(rec.run(*batch)), [rec.values[n] for n in nodes]
 
 
 class _Shards:

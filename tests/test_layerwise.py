@@ -162,8 +162,8 @@ def test_distillation_leaves_a_wta_hash_head_as_built_and_trains_the_rest():
 
 def test_streaming_recordings_train_the_same_as_kept_ones(monkeypatch):
     """Beyond the cache budget the sites' values are recorded again at every step and all sites
-    step together; within it they are kept and each site trains alone through its steps. The
-    trained substitutes are the same either way."""
+    step together, and distillation runs the original at every step; within it they are kept and
+    each site trains alone through its steps. The trained substitutes are the same either way."""
     import fxopt.layerwise as layerwise
 
     model, example, calib = mlp_setup()
@@ -171,7 +171,8 @@ def test_streaming_recordings_train_the_same_as_kept_ones(monkeypatch):
 
     def trained():
         result = fxopt.optimize(model, example, rules, calibration=calib, time_sites=False,
-                                layerwise=Layerwise(steps=12, lr=3e-3))
+                                layerwise=Layerwise(steps=12, lr=3e-3, distill_steps=9, distill_sites=0.5))
+        assert result.report["training"]["distill"]["steps"] == 9
         return result.model.state_dict()
 
     kept = trained()
