@@ -8,17 +8,21 @@ solve that least-squares problem in closed form (`fit_inputs`: lowrank's SVD of 
 whitened by the inputs' Gram matrix) does so first, from one pass over the data; the gradient
 steps then start from the optimum of the squared error.
 
-Every step, every site takes one optimiser step on one calibration batch: the original graph's
-values at the sites' inputs and outputs on that batch (an fx `Interpreter` that keeps only those).
-They are recorded once per batch and kept while all batches' fit in a budget
-($FXOPT_LAYERWISE_CACHE_MB, 2 GiB); beyond it the graph runs again at every step, so memory stays
-bounded by one batch. Losses are scale-free, so one learning rate fits every site:
+Each step of a site is one optimiser step on one calibration batch: the original graph's values at
+the site's input and output on that batch (an fx `Interpreter` that keeps only those, and stops at
+the last). They are recorded once per batch and kept while all batches' fit in a budget
+($FXOPT_LAYERWISE_CACHE_MB, 2 GiB), and each site then trains alone through all its steps; beyond
+it the graph runs again at every step for all sites at once, so memory stays bounded by one batch.
+The sites are independent, so either order trains the same substitutes. Losses are scale-free, so
+one learning rate fits every site:
 
     mse     ‖y − t‖² / ‖t‖²               (relative squared error)
     cosine  1 − mean over samples of cos(y, t)
 
 `distill` is the optional last step: the rewritten model trained end to end, substitutes only,
-to reproduce the original model's outputs.
+to reproduce the original model's outputs (each batch's targets computed once, within the same
+budget). Across processes (fxopt/distributed.py) sites go to whichever process is free, and
+distillation is data parallel.
 
     >>> stats = train_sites(gm, candidates, batches, Layerwise(steps=200))   # doctest: +SKIP
     >>> stats["fc1"]                       # {"steps": 200, "loss_before": …, "loss_after": …}
