@@ -6,6 +6,7 @@ process 0 alone writing, and an error in any process ending them all with its on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,9 +18,9 @@ from fxopt import distributed
 RULES = "version: 1\nrules:\n  - {match: {op: conv2d}, substitute: bottleneck, params: {reduction: 2}}\n"
 
 
-def fxopt(*args, timeout: int = 240) -> subprocess.CompletedProcess:
+def fxopt(*args, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fxopt", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=None if env is None else os.environ | env)
 
 
 def test_claims_hand_out_each_index_once_and_start_afresh_each_time(tmp_path):
@@ -47,6 +48,14 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # one thread against two, half the rows each in distillation: float summation order only
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    # past the cache budget each process records every batch itself and distillation reruns the
+    # original at each step: the same result
+    streamed = fxopt("optimize", *common, "--out", tmp_path / "streamed", "--nproc", 2,
+                     env={"FXOPT_LAYERWISE_CACHE_MB": "0.01"})
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    c = torch.export.load(tmp_path / "streamed" / "model.pt2").state_dict
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-5)
     d1, d2 = (json.loads((tmp_path / d / "report.json").read_text())["training"]["distill"] for d in ("one", "two"))
     assert d2["processes"] == 2 and d2["split_batches"] == 2  # both calibration batches split by rows
     for key in ("loss_before", "loss_after", "site_loss_before", "site_loss_after"):
