@@ -259,3 +259,61 @@ def binary_weight(signs: torch.Tensor, scale: torch.Tensor, mask: Optional[torch
 @binary_weight.register_fake
 def _(signs, scale, mask, in_features, dtype):
     return signs.new_empty((signs.shape[0], in_features), dtype=dtype)
+
+
+def _scaled_weight(signs, scale, mask, shape, dtype) -> torch.Tensor:
+    """The kept α ⊙ W of `binary_weight`, itself (callers must not hand it out), in conv shape."""
+    k = 1
+    for n in shape[1:]:
+        k *= n
+    state = (*planes_state(signs, mask, k), scale._version, dtype)
+    make = lambda: unpack_weight(signs, mask, k, dtype) * scale.to(dtype)[:, None]  # noqa: E731
+    return kept(_scaled, signs, state, make).view(shape)
+
+
+_CONVS = {1: F.conv1d, 2: F.conv2d}
+
+
+@torch.library.custom_op("fxopt::binary_conv", mutates_args=())
+def binary_conv(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor], shape: list[int], stride: list[int], padding: list[int],
+                dilation: list[int], groups: int) -> torch.Tensor:
+    """A packed 1-bit (or ternary) convolution: torch's convolution on α ⊙ W, which is unpacked once
+    per weight and kept (`binary_weight`'s table) and used in place: no copy per call. Measured on
+    the 2-core VM (128 → 128, 3×3, 8×8, batch 8): dense 418 µs, this 434 µs, binary_weight's copy
+    then the convolution 516 µs (a tensor returned by a custom op and fed to the convolution costs
+    it more than the copy itself)."""
+    w = _scaled_weight(signs, scale, mask, shape, x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    return _CONVS[len(shape) - 2](x, w, b, stride, padding, dilation, groups)
+
+
+@binary_conv.register_fake
+def _(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups):
+    dims = len(shape) - 2
+    sizes = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+             for n, k, s, p, d in zip(x.shape[-dims:], shape[2:], stride, padding, dilation)]
+    return x.new_empty((*x.shape[:-dims - 1], shape[0], *sizes))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, signs, scale, bias, mask, shape, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(signs, scale, mask)
+    ctx.args = (x.shape, x.dtype, shape, stride, padding, dilation, groups, bias is not None)
+
+
+def _conv_backward(ctx, grad):
+    """The gradient for x (and the bias): the transposed convolution with α ⊙ W; none for the
+    packed planes or α (a packed layer is for inference: train its unpacked form)."""
+    signs, scale, mask = ctx.saved_tensors
+    x_shape, dtype, shape, stride, padding, dilation, groups, has_bias = ctx.args
+    w = _scaled_weight(signs, scale, mask, shape, dtype)
+    conv_input = torch.nn.grad.conv1d_input if len(shape) == 3 else torch.nn.grad.conv2d_input
+    unbatched = len(x_shape) == len(shape) - 1
+    g = grad.unsqueeze(0) if unbatched else grad
+    dx = conv_input((1, *x_shape) if unbatched else x_shape, w, g, stride, padding, dilation, groups)
+    dbias = g.sum([0, *range(2, g.dim())]) if has_bias else None
+    return (dx.squeeze(0) if unbatched else dx), None, None, dbias, None, None, None, None, None, None
+
+
+binary_conv.register_autograd(_conv_backward, setup_context=_conv_setup)

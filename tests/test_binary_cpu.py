@@ -5,6 +5,8 @@ pipeline and the saved program, and the prepacked weight built once per weight."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +186,40 @@ def test_a_packed_convolution_unpacks_its_weight_once_and_hands_out_copies():
         packed.scale.mul_(2)  # α changed in place: rebuilt
     torch.testing.assert_close(packed(x), F.conv2d(x, 2 * dense, packed.bias, padding=1), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(kernel.binary_weight, (packed.signs, packed.scale, packed.mask, 54, torch.float32))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv2d(6, 10, 3, padding=1), (2, 6, 9, 9)),
+    (nn.Conv2d(6, 10, 3, stride=2, padding=2, dilation=2), (2, 6, 11, 11)),
+    (nn.Conv2d(8, 12, 3, padding="same", groups=4, bias=False), (3, 8, 7, 7)),
+    (nn.Conv2d(6, 10, (1, 3), padding="valid"), (6, 5, 9)),  # unbatched input
+    (nn.Conv1d(6, 10, 5, padding=2), (2, 6, 17)),
+    (nn.Conv2d(6, 10, 4, padding="same"), (2, 6, 9, 9)),  # odd 'same': binary_weight and F.conv
+])
+def test_a_packed_convolution_runs_on_its_kept_weight_and_gives_gradients_for_its_input(conv, shape):
+    """fxopt::binary_conv: the convolution on α ⊙ W kept from the first call, no copy per call;
+    the input's (and bias's) gradient through the transposed convolution; opcheck's contract."""
+    from fxopt.codegen import binary as kernel
+    from fxopt.substitutes.binary import BinaryConv
+
+    torch.manual_seed(3)
+    packed = BinaryConv.from_original(conv, mode="ternary").packed()
+    w = (packed._weight(packed.shape[1] * math.prod(packed.shape[2:]), torch.float32)
+         * packed.scale[:, None]).view(packed.shape)
+    dense = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                       dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        if conv.bias is not None:
+            dense.bias.copy_(packed.bias)
+    x = torch.randn(shape, requires_grad=True)
+    torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
+    (gx,) = torch.autograd.grad(packed(x).square().sum(), x)
+    (ref,) = torch.autograd.grad(dense(x).square().sum(), x)
+    torch.testing.assert_close(gx, ref, rtol=1e-4, atol=1e-4)
+    padding = packed._symmetric_padding()
+    if padding is not None:
+        args = (x.detach(), packed.signs, packed.scale, packed.bias, packed.mask, list(packed.shape),
+                list(packed.stride), padding, list(packed.dilation), packed.groups)
+        torch.library.opcheck(kernel.binary_conv, args)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.bits import pack_bits, pack_signs, unpack_weight
-from fxopt.codegen.binary import binary_linear, binary_weight
+from fxopt.codegen.binary import binary_conv, binary_linear, binary_weight
 from fxopt.codegen.binary_cpu import ACTIVATIONS, fake_quantize
 
 from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, boolean, int_in, number_in, one_of, optional, register
@@ -332,8 +332,9 @@ class PackedBinaryLinear(FusedEpilogue, _Packed):
 
 
 class PackedBinaryConv(_Packed):
-    """Packed conv: α ⊙ W unpacked once per weight (`fxopt::binary_weight`, which keeps it), then
-    torch's convolution, as dense as the original's (no 1-bit conv kernel yet)."""
+    """Packed conv: torch's convolution on α ⊙ W, unpacked once per weight and kept
+    (`fxopt::binary_conv`), as dense as the original's (no 1-bit conv kernel yet). Padding given as
+    'same' with an odd total takes `fxopt::binary_weight` (a copy of the kept weight) and F.conv."""
 
     def __init__(self, signs, scale, bias, shape: tuple[int, ...], conv: tuple, mask=None):
         super().__init__()
@@ -342,9 +343,23 @@ class PackedBinaryConv(_Packed):
         self._setup(signs, mask, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self._symmetric_padding()
+        if padding is not None:
+            return binary_conv(x, self.signs, self.scale, self.bias, self.mask, list(self.shape), list(self.stride),
+                               padding, list(self.dilation), self.groups)
         w = binary_weight(self.signs, self.scale, self.mask, math.prod(self.shape[1:]), x.dtype).view(self.shape)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return _CONV[self.dims](x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _symmetric_padding(self) -> list[int] | None:
+        """The padding as integers per side ('valid': 0; 'same': half the kernel's reach where
+        that is even), or None where it cannot be (odd 'same')."""
+        if not isinstance(self.padding, str):
+            return list(self.padding)
+        if self.padding == "valid":
+            return [0] * self.dims
+        reach = [d * (k - 1) for d, k in zip(self.dilation, self.shape[2:])]
+        return None if any(r % 2 for r in reach) else [r // 2 for r in reach]
 
     def extra_repr(self) -> str:
         kind = "ternary" if self.mask is not None else "binary"
