@@ -60,10 +60,30 @@ def _wta_heads(model: nn.Module) -> list[tuple[str, WTAHashedLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, WTAHashedLinear)]
 
 
+def _require_same_model(model: nn.Module, what: str) -> None:
+    """Every process must hold the same rewrite: a rule with `require_speedup` times each layer in
+    each process and may keep a different set of sites. Compared by module types and parameter
+    shapes; the first difference is named."""
+    mine = [(name, type(m).__name__, [tuple(p.shape) for p in m.parameters(recurse=False)])
+            for name, m in model.named_modules()]
+    every: list[Any] = [None] * world()[1]
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
+            a, b = next((a, b) for a, b in itertools.zip_longest(every[0], theirs) if a != b)
+            name = (a or b)[0] or "the root"
+            shown = [f"{m[1]} {' '.join(map(str, m[2]))}".strip() if m else "nothing" for m in (a, b)]
+            raise FxoptError(f"{what}: the model differs between processes 0 and {rank} (at {name!r}: "
+                             f"{shown[0]} against {shown[1]}); a rule with require_speedup "
+                             "times layers in each process and may decide differently: rewrite with rules that do "
+                             "not time, or in one process and broadcast the result")
+
+
 def data_parallel(model: nn.Module, **ddp_options) -> nn.parallel.DistributedDataParallel:
     """`model` wrapped in DistributedDataParallel, its wta_hash heads made ready for it (module
     docstring). `ddp_options` go to DDP unchanged."""
     _require_process_group("data_parallel")
+    _require_same_model(model, "data_parallel")
     tables = []
     for name, head in _wta_heads(model):
         if head.index == "inputs":
@@ -92,6 +112,7 @@ def fully_shard_model(model: nn.Module, mesh=None, **fsdp_options) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     _require_process_group("fully_shard_model")
+    _require_same_model(model, "fully_shard_model")
     heads = _wta_heads(model)
     if heads:
         raise FxoptError(f"{heads[0][0]}: a wta_hash head cannot be sharded by FSDP2 (its row gradients are sparse); "

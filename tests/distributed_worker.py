@@ -128,6 +128,14 @@ def main(out_path: str) -> None:
         data_parallel(nn.Sequential(head))
     except FxoptError as exc:
         results["wta_hash_inputs"] = {"ddp": {"refused": str(exc)}}
+    # processes whose rewrites differ (as a timed require_speedup may leave them) are told so
+    different = mlp() if dist.get_rank() == 0 else nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    for engine, wrap in (("ddp", data_parallel), ("fsdp2", fully_shard_model)):
+        try:
+            wrap(copy.deepcopy(different))
+            results.setdefault("different", {})[engine] = {"refused": None}
+        except FxoptError as exc:
+            results.setdefault("different", {})[engine] = {"refused": str(exc)}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -52,6 +52,13 @@ def test_a_head_indexed_by_inputs_is_refused(results):
     assert "index: inputs cannot train across processes" in results["wta_hash_inputs"]["ddp"]["refused"]
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_processes_holding_different_rewrites_are_told_so(results, engine):
+    message = results["different"][engine]["refused"]
+    assert message and "the model differs between processes 0 and 1 (at '2': Linear (64, 128) (64,) against Linear (10, 128) (10,))" in message, message
+    assert "require_speedup" in message
+
+
 def test_without_a_process_group_the_error_says_how_to_launch():
     for wrap in (data_parallel, fully_shard_model):
         with pytest.raises(FxoptError, match="needs torch.distributed initialised: launch with torchrun"):
