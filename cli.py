@@ -70,8 +70,8 @@ def optimize(
                                     "original layer (rules with require_speedup are always timed)"),
     strict: bool = typer.Option(False, "--strict", help="exit 2 if any site is rolled back or end-to-end tolerance fails"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="processes to split layer-wise training across (starts "
-                              "torchrun; under torchrun, leave it at 1)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes to train across: layer-wise training "
+                              "split by site, distillation data parallel (starts torchrun; under torchrun, leave it at 1)"),
 ) -> None:
     """Trace MODEL.py, apply RULES, (train,) validate, and write model.pt2 and reports into OUT."""
     from fxopt import distributed

@@ -40,6 +40,14 @@ from fxopt.save import write_json  # noqa: E402
 SIZE = 32
 
 
+def encoder_and_head(d: int, layers: int, heads: int, mlp: int, classes: int) -> tuple[nn.Module, ...]:
+    """The ViT-style classifiers' shared part, built in this order (so seeded weights do not move):
+    PyTorch encoder layers (pre-norm, GELU, no dropout), the final LayerNorm, the linear head."""
+    layer = nn.TransformerEncoderLayer(d, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False), nn.LayerNorm(d), nn.Linear(d, classes)
+
+
 class PatchTransformer(nn.Module):
     """A ViT-style classifier: 4×4 patches → d-dim tokens (+ learnt positions) → PyTorch encoder
     layers (pre-norm, GELU) → mean over tokens → linear head."""
@@ -48,11 +56,7 @@ class PatchTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Conv2d(3, d, 4, stride=4)
         self.pos = nn.Parameter(torch.zeros(1, (SIZE // 4) ** 2, d))
-        layer = nn.TransformerEncoderLayer(d, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, classes)
+        self.encoder, self.norm, self.head = encoder_and_head(d, layers, heads, mlp, classes)
 
     def forward(self, x):
         tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
@@ -97,11 +101,7 @@ class DigitsTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Linear(4, d)
         self.pos = nn.Parameter(torch.zeros(1, 16, d))
-        layer = nn.TransformerEncoderLayer(d, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, classes)
+        self.encoder, self.norm, self.head = encoder_and_head(d, layers, heads, mlp, classes)
 
     def forward(self, x):
         patches = x.view(-1, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16, 4)

@@ -22,6 +22,7 @@ products (not TF32), so the kernel matches the reference to fp32 rounding.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -245,15 +246,24 @@ binary_linear.register_autograd(_backward, setup_context=_setup)
 _scaled = WeakIdKeyDictionary()  # signs → (state key, α-scaled dense weight)
 
 
+def _scaled_weight(signs, scale, mask, shape, dtype) -> torch.Tensor:
+    """α ⊙ W of packed planes, in `shape`, unpacked on first use and kept (in `_scaled`, weakly
+    keyed by `signs`; again when the planes or α change in place): the tensor itself, which
+    callers must not hand out."""
+    k = math.prod(shape[1:])
+    state = (*planes_state(signs, mask, k), scale._version, dtype)
+    make = lambda: unpack_weight(signs, mask, k, dtype) * scale.to(dtype)[:, None]  # noqa: E731
+    return kept(_scaled, signs, state, make).view(shape)
+
+
 @torch.library.custom_op("fxopt::binary_weight", mutates_args=())
 def binary_weight(signs: torch.Tensor, scale: torch.Tensor, mask: Optional[torch.Tensor], in_features: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """The dense (out, in_features) weight α ⊙ W of packed planes, for a packed convolution. It is
     unpacked once per weight tensor (and again when the planes or α change in place) and kept in a
     table keyed weakly by `signs`; each call returns a copy, so nothing downstream can alter it."""
-    state = (*planes_state(signs, mask, in_features), scale._version, dtype)
-    make = lambda: unpack_weight(signs, mask, in_features, dtype) * scale.to(dtype)[:, None]  # noqa: E731
-    return kept(_scaled, signs, state, make).clone()  # never the kept tensor: Inductor may reuse a dead output's buffer
+    # never the kept tensor: Inductor may reuse a dead output's buffer
+    return _scaled_weight(signs, scale, mask, [signs.shape[0], in_features], dtype).clone()
 
 
 @binary_weight.register_fake
@@ -261,17 +271,9 @@ def _(signs, scale, mask, in_features, dtype):
     return signs.new_empty((signs.shape[0], in_features), dtype=dtype)
 
 
-def _scaled_weight(signs, scale, mask, shape, dtype) -> torch.Tensor:
-    """The kept α ⊙ W of `binary_weight`, itself (callers must not hand it out), in conv shape."""
-    k = 1
-    for n in shape[1:]:
-        k *= n
-    state = (*planes_state(signs, mask, k), scale._version, dtype)
-    make = lambda: unpack_weight(signs, mask, k, dtype) * scale.to(dtype)[:, None]  # noqa: E731
-    return kept(_scaled, signs, state, make).view(shape)
-
-
-_CONVS = {1: F.conv1d, 2: F.conv2d}
+CONVS = {1: F.conv1d, 2: F.conv2d}  # by spatial dimensions, and their (input, weight) gradients:
+CONV_GRADS = {1: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+              2: (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight)}
 
 
 @torch.library.custom_op("fxopt::binary_conv", mutates_args=())
@@ -285,7 +287,7 @@ def binary_conv(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias:
     (~25 µs) and a convolution that runs ~20 µs slower inside it than outside."""
     w = _scaled_weight(signs, scale, mask, shape, x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    return _CONVS[len(shape) - 2](x, w, b, stride, padding, dilation, groups)
+    return CONVS[len(shape) - 2](x, w, b, stride, padding, dilation, groups)
 
 
 @binary_conv.register_fake
@@ -308,7 +310,7 @@ def _conv_backward(ctx, grad):
     signs, scale, mask = ctx.saved_tensors
     x_shape, dtype, shape, stride, padding, dilation, groups, has_bias = ctx.args
     w = _scaled_weight(signs, scale, mask, shape, dtype)
-    conv_input = torch.nn.grad.conv1d_input if len(shape) == 3 else torch.nn.grad.conv2d_input
+    conv_input = CONV_GRADS[len(shape) - 2][0]
     unbatched = len(x_shape) == len(shape) - 1
     g = grad.unsqueeze(0) if unbatched else grad
     dx = conv_input((1, *x_shape) if unbatched else x_shape, w, g, stride, padding, dilation, groups)

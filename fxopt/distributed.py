@@ -195,35 +195,36 @@ def claims(total: int, what: str) -> Iterator[int]:
         yield i
 
 
-def share_from_owners(modules: Sequence[nn.Module], owners: Sequence[int]) -> None:
-    """Every process ends with each module's parameters and buffers as its owner left them: one
-    broadcast per owner, of everything it owns flattened (per dtype)."""
-    for owner in sorted(set(owners)):
-        tensors = [t.data for m, o in zip(modules, owners) if o == owner
-                   for t in itertools.chain(m.parameters(), m.buffers())]
-        for dtype in sorted({t.dtype for t in tensors}, key=str):
-            group = [t for t in tensors if t.dtype == dtype]
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.broadcast(flat, src=owner)
+def _broadcast_into(tensors: Sequence[torch.Tensor], src: int) -> None:
+    """In place: every process's `tensors` (the same shapes and dtypes everywhere) take `src`'s
+    values, one flat broadcast per dtype."""
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = (torch.cat([t.reshape(-1) for t in group]) if world()[0] == src
+                else torch.empty(sum(t.numel() for t in group), dtype=dtype))
+        dist.broadcast(flat, src=src)
+        if world()[0] != src:
             for t, part in zip(group, flat.split([t.numel() for t in group])):
                 t.copy_(part.view_as(t))
 
 
+def share_from_owners(modules: Sequence[nn.Module], owners: Sequence[int]) -> None:
+    """Every process ends with each module's parameters and buffers as its owner left them: one
+    broadcast per owner, of everything it owns flattened (per dtype)."""
+    for owner in sorted(set(owners)):
+        _broadcast_into([t.data for m, o in zip(modules, owners) if o == owner
+                         for t in itertools.chain(m.parameters(), m.buffers())], owner)
+
+
 def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int) -> dict[str, torch.Tensor]:
     """`src`'s named tensors in every process (the others pass None): their shapes and dtypes as
-    one object, then one flat broadcast per dtype."""
+    one object, then `_broadcast_into` empty tensors of those shapes."""
     meta = [None if tensors is None else [(k, t.shape, t.dtype) for k, t in tensors.items()]]
     dist.broadcast_object_list(meta, src=src)
-    out = {}
-    for dtype in sorted({d for _, _, d in meta[0]}, key=str):
-        items = [(k, shape) for k, shape, d in meta[0] if d == dtype]
-        if tensors is not None:
-            flat = torch.cat([tensors[k].reshape(-1) for k, _ in items])
-        else:
-            flat = torch.empty(sum(shape.numel() for _, shape in items), dtype=dtype)
-        dist.broadcast(flat, src=src)
-        out |= {k: part.view(shape) for (k, shape), part in zip(items, flat.split([s.numel() for _, s in items]))}
-    return {k: out[k] for k, _, _ in meta[0]}
+    if tensors is None:
+        tensors = {k: torch.empty(shape, dtype=dtype) for k, shape, dtype in meta[0]}
+    _broadcast_into(list(tensors.values()), src)
+    return tensors
 
 
 def from_process_0(accepted: list[tuple[Any, nn.Module]], candidates: Sequence[tuple[Any, nn.Module]]

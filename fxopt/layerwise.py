@@ -218,7 +218,7 @@ class Recordings:
         named = {n.name: n for n in self.keep}
         mine = {j: self._record(j) for j in range(rank, len(self.batches), size)}
         fits = all(all(isinstance(v, torch.Tensor) for v in values.values())
-                   and _bytes(values) * len(self.batches) <= CACHE_BYTES for values in mine.values())
+                   and _bytes(list(values.values())) * len(self.batches) <= CACHE_BYTES for values in mine.values())
         agreed = torch.tensor([int(fits)])
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         if not agreed.item():
@@ -241,7 +241,7 @@ class Recordings:
             return self._record(j)
         if j not in kept:
             values = self._record(j)
-            if _bytes(values) * len(self.batches) > CACHE_BYTES:
+            if _bytes(list(values.values())) * len(self.batches) > CACHE_BYTES:
                 self.store["streaming"] = True
                 kept.clear()
                 return values
@@ -249,8 +249,9 @@ class Recordings:
         return kept[j]
 
 
-def _bytes(values: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(list(values.values())) if isinstance(t, torch.Tensor))
+def _bytes(values) -> int:
+    """Bytes of the tensors in `values` (any pytree)."""
+    return sum(t.numel() * t.element_size() for t in tree_leaves(values) if isinstance(t, torch.Tensor))
 
 
 @torch.no_grad()
@@ -300,6 +301,7 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
         return None
     # a head validated by recall (wta_hash) computes its top candidates and fills the rest with −inf:
     # a squared error does not fit it, so it stays as built (and its outputs' fill is not compared)
+    fills = any(getattr(m, "validated_by", "error") == "recall" for m in substitutes)
     substitutes = [m for m in substitutes if getattr(m, "validated_by", "error") != "recall"]
     params = [p for m in substitutes for p in m.parameters()]
     if not params:
@@ -332,14 +334,14 @@ def distill(original: nn.Module, rewritten: fx.GraphModule, substitutes: Sequenc
                     targets, site_targets = kept[i]
                 else:
                     targets, site_targets = _targets(original, reference if per_site else None, batch)
-                    nbytes = sum(t.numel() * t.element_size() for t in targets + site_targets)
-                    if kept is not None and nbytes * len(batches) <= CACHE_BYTES:
+                    if kept is not None and _bytes((targets, site_targets)) * len(batches) <= CACHE_BYTES:
                         kept[i] = (targets, site_targets)
                     else:  # beyond the budget: the original runs at every step (memory: one batch)
                         kept = None
                 outs = _float_leaves(model(*batch))
                 pairs = list(zip(outs, targets)) + [(outputs[i], t) for i, t in enumerate(site_targets)]
-                pairs = [(o, t) if o.isfinite().all() else (o[o.isfinite()], t[o.isfinite()]) for o, t in pairs]
+                if fills:  # only where a head's fill can reach the outputs
+                    pairs = [(o[o.isfinite()], t[o.isfinite()]) for o, t in pairs]
                 errors = [(o - t).square().sum() for o, t in pairs]
                 sums = torch.stack([e.detach().double() for e in errors] +
                                    [t.detach().double().square().sum() for _, t in pairs])

@@ -358,16 +358,17 @@ def train_candidates(gm: fx.GraphModule, candidates: list[tuple[Site, nn.Module]
     rank, size = distributed.world() if across_processes else (0, 1)
     if size > 1 and candidates:  # one site at a time to whichever process is free, the costliest first
         recorded.share_across_processes()
-        before, trained, mine = {}, {}, {}
+        mine = {}  # site key → (this process, error before, training figures)
         order = costliest_first(candidates, train_recorded, config)
         for k in distributed.claims(len(order), "layerwise"):
             pair = candidates[order[k]]
-            before |= site_errors(gm, [pair], batches, recorded)
-            trained |= train_sites(gm, [pair], train_batches, config, train_recorded)
-            mine[pair[0].key] = rank
-        owners = distributed.merged(mine)
-        distributed.share_from_owners([m for _, m in candidates], [owners[site.key] for site, _ in candidates])
-        before, trained = distributed.merged(before), distributed.merged(trained)
+            key = pair[0].key
+            mine[key] = (rank, site_errors(gm, [pair], batches, recorded)[key],
+                         train_sites(gm, [pair], train_batches, config, train_recorded).get(key))
+        every = distributed.merged(mine)
+        distributed.share_from_owners([m for _, m in candidates], [every[site.key][0] for site, _ in candidates])
+        before = {key: v[1] for key, v in every.items()}
+        trained = {key: v[2] for key, v in every.items() if v[2] is not None}
     else:
         before = site_errors(gm, candidates, batches, recorded)
         trained = train_sites(gm, candidates, train_batches, config, train_recorded)

@@ -42,15 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.bits import pack_bits, pack_signs, unpack_weight
-from fxopt.codegen.binary import binary_conv, binary_linear, binary_weight
+from fxopt.codegen.binary import CONV_GRADS, CONVS, binary_conv, binary_linear, binary_weight
 from fxopt.codegen.binary_cpu import ACTIVATIONS, fake_quantize
 
 from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, boolean, int_in, number_in, one_of, optional, register
 
 MODES = ("binary", "ternary")
-_CONV = {1: F.conv1d, 2: F.conv2d}
-_CONV_GRAD = {1: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
-              2: (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight)}
 
 
 # --- quantizers (the paper's formulas; tests check them one by one) ---------------------------
@@ -110,7 +107,7 @@ class QuantizedBackprop(torch.autograd.Function):
         if conv is None:
             return F.linear(x, weight)
         dims, stride, padding, dilation, groups = conv
-        return _CONV[dims](x, weight, None, stride, padding, dilation, groups)
+        return CONVS[dims](x, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -124,7 +121,7 @@ class QuantizedBackprop(torch.autograd.Function):
                 gw = grad.reshape(-1, weight.shape[0]).T @ xq.reshape(-1, weight.shape[1])
         else:
             dims, stride, padding, dilation, groups = ctx.conv
-            grad_input, grad_weight = _CONV_GRAD[dims]
+            grad_input, grad_weight = CONV_GRADS[dims]
             if ctx.needs_input_grad[0]:
                 gx = grad_input(x.shape, weight, grad, stride, padding, dilation, groups)
             if ctx.needs_input_grad[1]:
@@ -270,7 +267,7 @@ class BinaryConv(_Binary):
         w = self.quantized_weight()
         if self.backprop_bits and self.training:
             return QuantizedBackprop.apply(x, w, self.backprop_bits, self._conv_args()) + _channel(self.bias, x)
-        return _CONV[self.dims](x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return CONVS[self.dims](x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def packed(self) -> "PackedBinaryConv":
         return PackedBinaryConv(shape=tuple(self.latent.shape), conv=self._conv_args(), **self._frozen_tensors())
@@ -349,7 +346,7 @@ class PackedBinaryConv(_Packed):
                                padding, list(self.dilation), self.groups)
         w = binary_weight(self.signs, self.scale, self.mask, math.prod(self.shape[1:]), x.dtype).view(self.shape)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _CONV[self.dims](x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return CONVS[self.dims](x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _symmetric_padding(self) -> list[int] | None:
         """The padding as integers per side ('valid': 0; 'same': half the kernel's reach where
