@@ -1,5 +1,15 @@
-"""The CPU path of `fxopt::binary_linear`: ±1 (or −1/0/+1) weights as a prepacked int8 matrix, the
-activations as int8 planes, one integer GEMM (oneDNN; AMX or VNNI where the CPU has them).
+"""The CPU path of `fxopt::binary_linear`: for a few rows, a compiled loop over the packed words
+themselves; for more, ±1 (or −1/0/+1) weights as a prepacked int8 matrix, the activations as int8
+planes, one integer GEMM (oneDNN; AMX or VNNI where the CPU has them).
+
+Few rows (`bits`, up to BITS_ROWS rows): reading fp32 weights is what a dense layer at batch 1
+waits on, and the packed words are 1/32 of those bytes. An Inductor-compiled kernel (generated C++,
+SIMD) walks each output's words, turns bit j into 0/1 in registers and sums bit·x, so
+x·Wᵀ = 2·Σ bit·x − Σ x (ternary: 2·Σ (sign∧mask)·x − Σ mask·x) in fp32 with no quantization: it
+computes what the reference computes up to float summation order. Compiled once per shape (rows,
+words, planes, threads) through `torch._inductor.compile` on a `make_fx` graph, without Dynamo, so
+it runs the same inside a caller's `torch.compile` and never meets a recompile limit. Its cost
+grows with the rows (every row re-reads the words), so larger batches take the GEMM.
 
 The packed bits stay what the layer holds and what is saved. On the first call with a given
 `signs` tensor (and again only if it changes in place) they are unpacked once to int8 and handed
@@ -19,27 +29,32 @@ Activations (per row of x; s = a power of two with max|x| / s in (63.5, 127], so
   |y − exact| ≤ |α|·Σₖ|xₖ − s·qₖ| ≤ |α|·K·s/2 (`int8_error_bound`). The training form and the
   reference fake-quantize the same way, so validation reports this error per site.
 
-Small layers and batches: where the weight fits in cache, fp32 GEMMs are cheap and the int8
-route's fixed costs (splitting, combining) dominate, so for each weight and batch-size bucket
-(powers of two) the first call times both routes on its own input and keeps the faster: the int8
-GEMM, or `F.linear` on an fp32 copy of the ±1 weight unpacked once (on the planes' sum for `int8`
-activations, which keeps the numbers of that setting). The copy is kept only where a bucket chose
-it, so large layers hold the int8 form (¼ of fp32) and small ones may hold fp32 in memory; the
-saved file holds 1 bit per weight either way.
+Choosing: for each weight and batch-size bucket (powers of two) the first call times the routes
+on its own input and keeps the fastest: `bits` (buckets up to BITS_ROWS), the int8 GEMM, or
+`F.linear` on an fp32 copy of the ±1 weight unpacked once (small layers, whose weights sit in cache
+and where the int8 route's fixed costs of splitting and combining dominate). With `int8`
+activations every route computes on the quantized rows, which keeps the numbers of that setting.
+A derived form (the int8 matrix, ¼ of fp32; the fp32 copy) is kept only while some bucket's route
+uses it; the saved file holds 1 bit per weight either way. `forced_route` pins one route (tests,
+benchmarks).
 
 Only where oneDNN's quantized linear is present (x86 builds of torch); elsewhere the reference runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxopt.bits import unpack_weight
+from fxopt.bits import WORD, unpack_weight
 
 from . import epilogue as ep
 
@@ -47,10 +62,16 @@ ACTIVATIONS = ("exact", "int8")
 PLANES = {"exact": 3, "int8": 1}
 STEP = 254.0  # each plane refines the one before by this factor (residual ≤ ½ → ≤ 127)
 STACK_ROWS = 64  # up to this many rows, the planes of a batch go through one GEMM stacked as rows
+BITS_ROWS = 8  # up to this many rows (bucket), the compiled loop over the packed words is a candidate
+ROUTES = ("bits", "int8", "dense")
+
+log = logging.getLogger(__name__)
 
 _prepacked = WeakIdKeyDictionary()  # signs → (state key, prepacked int8 weight, ones, zeros)
 _dense = WeakIdKeyDictionary()  # signs → (state key, fp32 ±1 weight), where some bucket chose it
-_route = WeakIdKeyDictionary()  # signs → {(state key, activations, bucket): "int8" | "dense"}
+_route = WeakIdKeyDictionary()  # signs → {(state key, activations, bucket): one of ROUTES}
+_kernels: dict[tuple, Optional[Callable]] = {}  # (rows, out, words, ternary, threads) → compiled (None: failed)
+_forced: list[str] = []
 
 
 @functools.cache
@@ -155,16 +176,41 @@ def binary_linear_cpu(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor,
     m = flat.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    routes = _route.setdefault(signs, {})
-    key = (planes_state(signs, mask, in_features), activations, 1 << (m - 1).bit_length())
-    if key not in routes:
-        routes[key] = _fastest(flat, signs, mask, in_features, activations)
-        if "dense" not in routes.values():
-            _dense.pop(signs, None)
-    run = _via_dense if routes[key] == "dense" else _via_int8
-    acc = run(flat, signs, mask, in_features, activations)
+    acc = RUNS[_route_for(flat, signs, mask, in_features, activations)](flat, signs, mask, in_features, activations)
     y = acc.mul_(scale.float()) if bias is None else torch.addcmul(bias.float(), acc, scale.float())
     return ep.apply(y.to(x.dtype).reshape(*x.shape[:-1], n), steps, extras)
+
+
+@contextlib.contextmanager
+def forced_route(name: str) -> Iterator[None]:
+    """Within the block, every call takes route `name` (one of ROUTES; `bits` only where the rows
+    allow it, the int8 GEMM elsewhere) instead of the timed choice."""
+    if name not in ROUTES:
+        raise ValueError(f"forced_route: route must be one of {', '.join(ROUTES)}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _route_for(flat, signs, mask, in_features, activations) -> str:
+    bucket = 1 << (flat.shape[0] - 1).bit_length()
+    bits = lambda: bucket <= BITS_ROWS and _kernel(flat, signs, mask) is not None  # noqa: E731
+    if _forced:
+        return "int8" if _forced[-1] == "bits" and not bits() else _forced[-1]
+    state = planes_state(signs, mask, in_features)
+    routes = _route.get(signs, {})
+    key = (state, activations, bucket)
+    if key not in routes:
+        routes = _route[signs] = {k: r for k, r in routes.items() if k[0] == state}  # planes changed: choose anew
+        candidates = [r for r in ROUTES if r != "bits" or bits()]
+        routes[key] = _fastest(candidates, flat, signs, mask, in_features, activations)
+        used = set(routes.values())
+        for table, route in ((_dense, "dense"), (_prepacked, "int8")):
+            if route not in used:
+                table.pop(signs, None)
+    return routes[key]
 
 
 def _via_int8(flat, signs, mask, in_features, activations) -> torch.Tensor:
@@ -189,10 +235,53 @@ def _via_dense(flat, signs, mask, in_features, activations) -> torch.Tensor:
     return torch.nn.functional.linear(x, _dense_weight(signs, mask, in_features))
 
 
-def _fastest(flat, signs, mask, in_features, activations, reps: int = 3) -> str:
-    """The faster route on this input: each run once to warm up, then the median of `reps`."""
+def _via_bits(flat, signs, mask, in_features, activations) -> torch.Tensor:
+    """x·Wᵀ (unscaled) by the compiled loop over the packed words (int8: on the quantized x)."""
+    x = flat if activations == "exact" else fake_quantize(flat)
+    width = signs.shape[1] * WORD
+    x = F.pad(x, (0, width - in_features)) if width != in_features else x.contiguous()  # the tail's bits are 0
+    return _kernel(x, signs, mask)(x, signs) if mask is None else _kernel(x, signs, mask)(x, signs, mask)
+
+
+RUNS = {"bits": _via_bits, "int8": _via_int8, "dense": _via_dense}
+
+
+def _ones_times_x(words: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(rows, out): Σ over each output's packed bits of bit·x, the bits taken from the words in place."""
+    shifts = torch.arange(WORD, dtype=torch.int32, device=words.device)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).to(x.dtype)  # (out, words, 32), fused away by Inductor
+    return (bits * x.view(x.shape[0], 1, words.shape[1], WORD)).sum((-1, -2))
+
+
+def bits_product(x: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x·Wᵀ for W = ±1 (or −1/0/+1) packed in `signs` (`mask`), x (rows, 32·words) zero-padded:
+    2·Σ bit·x − Σ x (ternary: 2·Σ (sign∧mask)·x − Σ mask·x). What `bits` compiles."""
+    if mask is None:
+        return _ones_times_x(signs, x) * 2 - x.sum(-1, keepdim=True)
+    return _ones_times_x(signs & mask, x) * 2 - _ones_times_x(mask, x)
+
+
+def _kernel(x: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[Callable]:
+    """`bits_product` compiled by Inductor for these shapes (None where this machine cannot compile:
+    no C++ compiler, for example; the GEMM routes then serve every batch)."""
+    key = (x.shape[0], *signs.shape, mask is not None, torch.get_num_threads())
+    if key not in _kernels:
+        width = signs.shape[1] * WORD
+        args = [torch.zeros(x.shape[0], width), torch.zeros_like(signs)] + ([] if mask is None else [torch.zeros_like(mask)])
+        try:
+            with torch.no_grad():
+                _kernels[key] = torch._inductor.compile(make_fx(lambda *a: bits_product(*a))(*args), args)
+        except Exception as e:  # noqa: BLE001  any compiler failure: the exact GEMM routes remain
+            log.warning("fxopt: the packed-bits CPU kernel could not be compiled (%s); using the int8 GEMM", e)
+            _kernels[key] = None
+    return _kernels[key]
+
+
+def _fastest(candidates, flat, signs, mask, in_features, activations, reps: int = 3) -> str:
+    """The fastest route on this input: each run once to warm up, then the median of `reps`."""
     seconds = {}
-    for name, run in (("int8", _via_int8), ("dense", _via_dense)):
+    for name in candidates:
+        run = RUNS[name]
         run(flat, signs, mask, in_features, activations)
         times = []
         for _ in range(reps):

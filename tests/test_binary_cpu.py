@@ -1,6 +1,6 @@
-"""The CPU path of the 1-bit linear (codegen/binary_cpu.py): exact int8 planes against a float64
-reference at every batch size it is chosen for (the stacked and the one-after-another GEMMs, tails
-of K and N), opt-in int8 activations within their quantization bound in the layer, the op, the
+"""The CPU path of the 1-bit linear (codegen/binary_cpu.py): each route (the compiled loop over
+packed bits, exact int8 planes, the fp32 copy) against a float64 reference at every batch size it
+may be chosen for (the stacked and the one-after-another GEMMs, tails of K and N), opt-in int8 activations within their quantization bound in the layer, the op, the
 pipeline and the saved program, and the prepacked weight built once per weight."""
 
 from __future__ import annotations
@@ -42,24 +42,59 @@ def rounding(p: PackedBinaryLinear, x: torch.Tensor) -> torch.Tensor:
     return 8 * EPS * mags
 
 
-@pytest.mark.parametrize("m", BATCHES)
+@pytest.mark.parametrize("route, m", [(r, m) for r in binary_cpu.ROUTES for m in BATCHES
+                                      if r != "bits" or m <= binary_cpu.BITS_ROWS])
 @pytest.mark.parametrize("n,k,ternary", [(37, 45, False), (64, 96, True), (300, 513, False), (33, 700, True)])
-def test_exact_path_is_within_its_bound_at_every_batch_size(m, n, k, ternary):
+def test_exact_path_is_within_its_bound_at_every_batch_size(route, m, n, k, ternary):
+    """Every route the timed choice may take, at every batch size it may take it for: `bits` up to
+    BITS_ROWS rows (K's tail in a part-filled word), the int8 GEMM stacked and one plane after
+    another, the fp32 copy."""
     p = packed(n, k, ternary, seed=m + n)
     x = torch.randn(m, k) * 3
     x[0, :5] = 0  # zeros and a large outlier in a row
     x[-1, 7] = 1e3
-    with registry.use_backend("auto"):
+    with registry.use_backend("auto"), binary_cpu.forced_route(route):
         y = p(x)
-    assert registry.pick(x, None, binary_linear_reference, binary_cpu.binary_linear_cpu) is binary_cpu.binary_linear_cpu
-    err = (y.double() - exact_reference(p, x)).abs()
-    bound = binary_cpu.exact_error_bound(x, p.scale).double() + rounding(p, x)
-    assert (err <= bound).all(), (err / bound).max()
-    # without an outlier (which coarsens its row's planes: the bound above), as close as the dense
-    # fp32 layer itself
-    x = torch.randn(m, k)
-    err = (p(x).double() - exact_reference(p, x)).abs().max()
+        assert registry.pick(x, None, binary_linear_reference, binary_cpu.binary_linear_cpu) is binary_cpu.binary_linear_cpu
+        err = (y.double() - exact_reference(p, x)).abs()
+        # int8 planes: the planes' residual, coarser in the outlier's row; bits and dense: fp32 rounding only
+        bound = (binary_cpu.exact_error_bound(x, p.scale).double() if route == "int8" else 0) + rounding(p, x)
+        assert (err <= bound).all(), (err / bound).max()
+        # without an outlier, as close as the dense fp32 layer itself
+        x = torch.randn(m, k)
+        err = (p(x).double() - exact_reference(p, x)).abs().max()
     assert err <= 4 * (F.linear(x, p.dense_weight(), p.bias).double() - exact_reference(p, x)).abs().max() + 1e-6
+
+
+def test_the_bits_route_is_compiled_once_per_shape_and_runs_inside_torch_compile():
+    p = packed(70, 100, ternary=True, seed=8)
+    x = torch.randn(2, 100)
+    with binary_cpu.forced_route("bits"):
+        y = p(x)
+        kernels = dict(binary_cpu._kernels)
+        assert (2, 70, 4, True, torch.get_num_threads()) in kernels  # 100 columns: 4 words, the last part-filled
+        torch.testing.assert_close(p(torch.randn(2, 100)).shape, y.shape)
+        assert binary_cpu._kernels == kernels  # not compiled again
+        torch.testing.assert_close(torch.compile(p, fullgraph=True)(x), y)
+        p(torch.randn(binary_cpu.BITS_ROWS + 1, 100))  # past BITS_ROWS: the int8 GEMM, nothing compiled
+        assert binary_cpu._kernels == kernels
+    torch.testing.assert_close(binary_cpu.bits_product(F.pad(x, (0, 28)), p.signs, p.mask),
+                               x @ (p.dense_weight() / p.scale[:, None]).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_derived_form_is_kept_only_while_a_route_uses_it(monkeypatch):
+    p = packed(40, 64, seed=9)
+    chosen = iter(["int8", "bits", "dense"])
+    monkeypatch.setattr(binary_cpu, "_fastest", lambda *a: next(chosen))
+    p(torch.randn(16, 64))  # bucket 16: the int8 GEMM
+    assert p.signs in binary_cpu._prepacked
+    p(torch.randn(1, 64))  # bucket 1: bits; the int8 form stays for bucket 16
+    assert p.signs in binary_cpu._prepacked and p.signs not in binary_cpu._dense
+    with torch.no_grad():
+        p.signs[0, 0] = ~p.signs[0, 0]  # new bits: every bucket chooses again, old forms go
+    p(torch.randn(1, 64))  # bucket 1, now dense: the int8 form is no longer used by any route
+    assert list(binary_cpu._route[p.signs].values()) == ["dense"]
+    assert p.signs not in binary_cpu._prepacked and p.signs in binary_cpu._dense
 
 
 def test_exact_path_keeps_leading_dims_zero_rows_dtypes_and_epilogues():
@@ -86,14 +121,15 @@ def test_backend_torch_runs_the_reference():
 def test_the_prepacked_weight_is_built_once_and_again_when_the_bits_change():
     p = packed(16, 40, seed=5)
     x = torch.randn(3, 40)
-    p(x)
-    first = binary_cpu._prepacked[p.signs]
-    p(x)
-    assert binary_cpu._prepacked[p.signs] is first  # no unpacking on the second call
-    with torch.no_grad():
-        p.signs[0, 0] = ~p.signs[0, 0]  # a trained or edited layer: the cache sees the new version
-    torch.testing.assert_close(p(x), F.linear(x, p.dense_weight(), p.bias), rtol=1e-5, atol=1e-5)
-    assert binary_cpu._prepacked[p.signs] is not first
+    with binary_cpu.forced_route("int8"):
+        p(x)
+        first = binary_cpu._prepacked[p.signs]
+        p(x)
+        assert binary_cpu._prepacked[p.signs] is first  # no unpacking on the second call
+        with torch.no_grad():
+            p.signs[0, 0] = ~p.signs[0, 0]  # a trained or edited layer: the cache sees the new version
+        torch.testing.assert_close(p(x), F.linear(x, p.dense_weight(), p.bias), rtol=1e-5, atol=1e-5)
+        assert binary_cpu._prepacked[p.signs] is not first
 
 
 @pytest.mark.parametrize("m", [1, 17, 200])
@@ -101,14 +137,17 @@ def test_the_prepacked_weight_is_built_once_and_again_when_the_bits_change():
 def test_int8_activations_stay_within_the_quantization_bound(m, ternary):
     p = packed(48, 300, ternary, seed=m, activations="int8")
     x = torch.randn(m, 300)
-    y = p(x).double()
     exact = exact_reference(p, x)
-    err = (y - exact).abs()
-    assert (err <= binary_cpu.int8_error_bound(x, p.scale).double() + rounding(p, x)).all()
-    assert err.max() > 1e-4  # it does quantize: int8 is not the exact path under another name
-    # every implementation computes the same thing: the reference on the fake-quantized input
     with registry.use_backend("torch"):
-        torch.testing.assert_close(p(x), y.float(), rtol=1e-5, atol=1e-4)
+        want = p(x)
+    for route in binary_cpu.ROUTES:
+        with binary_cpu.forced_route(route):
+            y = p(x).double()
+        err = (y - exact).abs()
+        assert (err <= binary_cpu.int8_error_bound(x, p.scale).double() + rounding(p, x)).all()
+        assert err.max() > 1e-4  # it does quantize: int8 is not the exact path under another name
+        # every route and implementation computes the same thing: the reference on the fake-quantized input
+        torch.testing.assert_close(y.float(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_int8_bound_follows_from_the_quantization_step():
