@@ -3,7 +3,8 @@
 For each layer size and batch, side by side in one process (interleaved rounds, medians): dense
 eager and dense under torch.compile; the packed layer as `fxopt optimize` saves it, with exact
 activations (the default) and with `activations: int8`, each eager and compiled, binary and
-ternary; and the torch reference that unpacks every weight at every call (what ran on a CPU
+ternary (each with the route its timed choice took: `bits`, the compiled loop over the packed
+words, for a few rows; the int8 GEMM; or the fp32 copy); and the torch reference that unpacks every weight at every call (what ran on a CPU
 before the CPU path, `FXOPT_BACKEND=torch`). Ratios are dense time / packed time, best against
 best (the faster of eager and compiled on each side): > 1 means faster.
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from common import dense_linear, run_info, time_variants
-from fxopt.codegen import registry
+from fxopt.codegen import binary_cpu, registry
 from fxopt.save import write_json
 from fxopt.substitutes.binary import BinaryLinear
 
@@ -54,7 +55,8 @@ def measure(n_in: int, n_out: int, batch: int, rounds: int, min_run_time: float)
             variants["reference"] = Reference(packed)
     t = time_variants(variants, (x,), rounds, min_run_time)
     best_dense = min(t["dense"], t["dense+compile"])
-    row = {"in": n_in, "out": n_out, "batch": batch, "us": {k: round(v * 1e6, 1) for k, v in t.items()}}
+    row = {"in": n_in, "out": n_out, "batch": batch, "us": {k: round(v * 1e6, 1) for k, v in t.items()},
+           "routes": {name: sorted(set(binary_cpu._route.get(variants[name].signs, {}).values())) for name in FORMS}}
     for name in FORMS:
         row[name] = round(best_dense / min(t[name], t[f"{name}+compile"]), 2)
     if "reference" in t:

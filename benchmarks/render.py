@@ -360,17 +360,25 @@ def binary_cpu(r: dict) -> list[str]:
     lines = ["## Packed 1-bit and ternary linear layers against dense fp32 (CPU)", "", machine(r), "",
              "`benchmarks/binary_cpu.py`: the packed layer as `fxopt optimize` saves it (1 bit per weight; ternary 2) "
              "against `nn.Linear` in fp32, best against best (the faster of eager and `torch.compile` on each side), "
-             "> 1 meaning faster. **exact**: the default (activations as three int8 planes, integer products exact; "
-             "within fp32 rounding of the dense layer). **int8**: `activations: int8` (each input row quantized to "
-             "int8). **reference**: the torch reference that unpacks every weight at every call (what a CPU ran before). "
-             "Dense times in µs.", "",
+             "> 1 meaning faster. **exact**: the default (within fp32 rounding of the dense layer). **int8**: "
+             "`activations: int8` (each input row quantized to int8). In brackets, the route the layer's timed "
+             "choice took: **bits** (a compiled loop over the packed words, fp32, up to 8 rows), **int8** (oneDNN's "
+             "int8 GEMM; exact activations as three int8 planes whose integer products are exact), **fp32** (an fp32 "
+             "copy of the ±1 weight). **reference**: the torch reference that unpacks every weight at every call (what "
+             "a CPU ran before). Dense times in µs.", "",
              "| out × in | batch | dense µs | binary exact | binary int8 | ternary exact | ternary int8 | reference |",
              "|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         dense = min(x["us"]["dense"], x["us"]["dense+compile"])
         ref = f"{x['reference']:.2f}×" if "reference" in x else "—"
-        lines.append(f"| {x['out']} × {x['in']} | {x['batch']} | {dense:,.0f} | {x['binary']:.2f}× | {x['binary_int8']:.2f}× "
-                     f"| {x['ternary']:.2f}× | {x['ternary_int8']:.2f}× | {ref} |")
+        routes = x.get("routes", {})
+
+        def cell(form: str) -> str:
+            took = "+".join({"dense": "fp32"}.get(r, r) for r in routes.get(form, []))
+            return f"{x[form]:.2f}×" + (f" ({took})" if took else "")
+
+        lines.append(f"| {x['out']} × {x['in']} | {x['batch']} | {dense:,.0f} | {cell('binary')} | {cell('binary_int8')} "
+                     f"| {cell('ternary')} | {cell('ternary_int8')} | {ref} |")
     return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fxopt.bits import unpack_weight, words_for
@@ -210,6 +211,36 @@ def binary_linear(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bia
     return run(x, signs, scale, bias, mask, in_features, extras, steps)
 
 
+def binary_linear_call(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                       mask: Optional[torch.Tensor], in_features: int, extras: list[torch.Tensor], epilogue: str,
+                       activations: str) -> torch.Tensor:
+    """What a packed layer calls: the op, except for plain CPU tensors in eager inference, where
+    the op's own dispatch (custom-op and autograd wrappers, about 35 µs a call on the 2-core VM)
+    outweighs a small layer's arithmetic: there its CPU implementation runs directly, the same
+    function the op would run. Anything that records or differentiates (Dynamo, torch.export,
+    make_fx and other dispatch modes, tensor subclasses, functorch, an input that needs a gradient)
+    sees the op."""
+    if _eager_inference_on_cpu(x, extras):
+        steps = ep.decode(epilogue)
+        if activations in ACTIVATIONS and ep.extras_used(steps) <= len(extras):
+            return binary_linear_cpu(x, signs, scale, bias, mask, in_features, extras, steps, activations)
+    return binary_linear(x, signs, scale, bias, mask, in_features, extras, epilogue, activations)
+
+
+def _eager_inference_on_cpu(x: torch.Tensor, extras: list[torch.Tensor]) -> bool:
+    return (x.device.type == "cpu" and _eager_inference([x, *extras])
+            and pick(x, None, None, binary_linear_cpu if available() else None) is binary_linear_cpu)
+
+
+def _eager_inference(tensors: list[torch.Tensor]) -> bool:
+    """Plain tensors, run eagerly, nothing recording them or needing their gradient."""
+    return (all(type(t) is torch.Tensor for t in tensors)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _get_current_dispatch_mode() is None
+            and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
 @binary_linear.register_fake
 def _(x, signs, scale, bias, mask, in_features, extras, epilogue, activations):
     return x.new_empty((*x.shape[:-1], signs.shape[0]))
@@ -284,10 +315,25 @@ def binary_conv(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias:
     per weight and kept (`binary_weight`'s table) and used in place: no copy per call. Measured on
     the 2-core VM (128 → 128, 3×3, 8×8, batch 8): dense 427 µs, this 478 µs, binary_weight's copy
     then the convolution 516–545 µs. What remains is the custom op's own cost: its Python dispatch
-    (~25 µs) and a convolution that runs ~20 µs slower inside it than outside."""
+    (~25 µs) and a convolution that runs ~20 µs slower inside it than outside; eager inference
+    skips both (`binary_conv_call`)."""
+    return _conv(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups)
+
+
+def _conv(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups) -> torch.Tensor:
     w = _scaled_weight(signs, scale, mask, shape, x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     return CONVS[len(shape) - 2](x, w, b, stride, padding, dilation, groups)
+
+
+def binary_conv_call(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                     mask: Optional[torch.Tensor], shape: list[int], stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int) -> torch.Tensor:
+    """What a packed convolution calls: the op, or in eager inference (as `binary_linear_call`
+    decides) the op's body directly."""
+    if _eager_inference([x]):
+        return _conv(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups)
+    return binary_conv(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups)
 
 
 @binary_conv.register_fake

@@ -262,3 +262,27 @@ def test_a_packed_convolution_runs_on_its_kept_weight_and_gives_gradients_for_it
         args = (x.detach(), packed.signs, packed.scale, packed.bias, packed.mask, list(packed.shape),
                 list(packed.stride), padding, list(packed.dilation), packed.groups)
         torch.library.opcheck(kernel.binary_conv, args)
+
+
+def test_eager_inference_skips_the_op_dispatch_and_everything_that_records_sees_the_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxopt.codegen import binary as kernel
+
+    p = packed(24, 40, seed=10)
+    x = torch.randn(3, 40)
+    direct = kernel._eager_inference_on_cpu
+    with torch.no_grad():
+        assert direct(x, []) and torch.equal(p(x), binary_linear(x, p.signs, p.scale, p.bias, None, 40, [], "", "exact"))
+        with registry.use_backend("torch"):
+            assert not direct(x, [])  # the backend asked for is honoured by the op
+    assert direct(x, [])  # grad mode on, nothing needs a gradient
+    leaf = x.clone().requires_grad_()
+    assert not direct(leaf, [])
+    p(leaf).sum().backward()  # through the op's autograd
+    torch.testing.assert_close(leaf.grad, p.dense_weight().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+    graph = make_fx(p)(x).graph
+    assert any(n.target is torch.ops.fxopt.binary_linear.default for n in graph.nodes)
+    program = torch.export.export(p, (x,))
+    assert any(n.target is torch.ops.fxopt.binary_linear.default for n in program.graph.nodes)
+    assert not direct(torch.randn(3, 40, dtype=torch.float64).as_subclass(torch.nn.Parameter), [])

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.bits import pack_bits, pack_signs, unpack_weight
-from fxopt.codegen.binary import CONV_GRADS, CONVS, binary_conv, binary_linear, binary_weight
+from fxopt.codegen.binary import CONV_GRADS, CONVS, binary_conv_call, binary_linear_call, binary_weight
 from fxopt.codegen.binary_cpu import ACTIVATIONS, fake_quantize
 
 from . import Decline, FusedEpilogue, Param, Substitute, SubstituteSpec, boolean, int_in, number_in, one_of, optional, register
@@ -315,7 +315,7 @@ class PackedBinaryLinear(FusedEpilogue, _Packed):
         self._setup(signs, mask, scale, bias)
 
     def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
-        return binary_linear(x, self.signs, self.scale, self.bias, self.mask, self.in_features, list(extras),
+        return binary_linear_call(x, self.signs, self.scale, self.bias, self.mask, self.in_features, list(extras),
                              self._epilogue_text, self.activations)
 
     def dense_weight(self) -> torch.Tensor:
@@ -342,8 +342,8 @@ class PackedBinaryConv(_Packed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self._symmetric_padding()
         if padding is not None:
-            return binary_conv(x, self.signs, self.scale, self.bias, self.mask, list(self.shape), list(self.stride),
-                               padding, list(self.dilation), self.groups)
+            return binary_conv_call(x, self.signs, self.scale, self.bias, self.mask, list(self.shape),
+                                    list(self.stride), padding, list(self.dilation), self.groups)
         w = binary_weight(self.signs, self.scale, self.mask, math.prod(self.shape[1:]), x.dtype).view(self.shape)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return CONVS[self.dims](x, w, bias, self.stride, self.padding, self.dilation, self.groups)
