@@ -30,7 +30,8 @@ Activations (per row of x; s = a power of two with max|x| / s in (63.5, 127], so
   reference fake-quantize the same way, so validation reports this error per site.
 
 Choosing: for each weight and batch-size bucket (powers of two) the first call times the routes
-on its own input and keeps the fastest: `bits` (buckets up to BITS_ROWS), the int8 GEMM, or
+on its own input and keeps the fastest: `bits` (buckets up to BITS_ROWS), the int8 GEMM (where
+`int8_gemm_pays` on this CPU), or
 `F.linear` on an fp32 copy of the ±1 weight unpacked once (small layers, whose weights sit in cache
 and where the int8 route's fixed costs of splitting and combining dominate). With `int8`
 activations every route computes on the quantized rows, which keeps the numbers of that setting.
@@ -83,6 +84,25 @@ def available() -> bool:
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+@functools.cache
+def int8_gemm_pays() -> bool:
+    """Is oneDNN's int8 GEMM at least half as fast as fp32's on this machine (32 × 512 × 512, one
+    timed run each after a warm-up)? On some CPUs it falls back to a reference loop: on one 2-core
+    AMD EPYC VM it took 97 ms where fp32 took 0.3 ms, and timing it at a large layer's batch would
+    take minutes, so there the timed choice never tries it (the other routes are exact too)."""
+    q = torch.randint(-127, 128, (32, 512), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    w = torch.randint(-1, 2, (512, 512), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    packed = (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512, dtype=torch.int64))
+    x, wf = q.float(), w.float()
+    seconds = []
+    for run in (lambda: _gemm(q, packed), lambda: F.linear(x, wf)):
+        run()
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return seconds[0] <= 2 * seconds[1]
 
 
 def row_scale(x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +224,7 @@ def _route_for(flat, signs, mask, in_features, activations) -> str:
     key = (state, activations, bucket)
     if key not in routes:
         routes = _route[signs] = {k: r for k, r in routes.items() if k[0] == state}  # planes changed: choose anew
-        candidates = [r for r in ROUTES if r != "bits" or bits()]
+        candidates = [r for r in ROUTES if (r != "bits" or bits()) and (r != "int8" or int8_gemm_pays())]
         routes[key] = _fastest(candidates, flat, signs, mask, in_features, activations)
         used = set(routes.values())
         for table, route in ((_dense, "dense"), (_prepacked, "int8")):

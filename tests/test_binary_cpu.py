@@ -286,3 +286,17 @@ def test_eager_inference_skips_the_op_dispatch_and_everything_that_records_sees_
     program = torch.export.export(p, (x,))
     assert any(n.target is torch.ops.fxopt.binary_linear.default for n in program.graph.nodes)
     assert not direct(torch.randn(3, 40, dtype=torch.float64).as_subclass(torch.nn.Parameter), [])
+
+
+def test_the_timed_choice_leaves_out_an_int8_gemm_that_does_not_pay_on_this_cpu(monkeypatch):
+    assert isinstance(binary_cpu.int8_gemm_pays.__wrapped__(), bool)  # the probe runs on this machine
+    p = packed(40, 64, seed=11)
+    offered = []
+    monkeypatch.setattr(binary_cpu, "_fastest", lambda candidates, *a: offered.append(candidates) or candidates[-1])
+    monkeypatch.setattr(binary_cpu, "int8_gemm_pays", lambda: False)
+    p(torch.randn(1, 64))
+    p(torch.randn(32, 64))
+    assert offered == [["bits", "dense"], ["dense"]]
+    monkeypatch.setattr(binary_cpu, "int8_gemm_pays", lambda: True)
+    p(torch.randn(64, 64))
+    assert offered[-1] == ["int8", "dense"]
