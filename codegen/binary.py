@@ -4,8 +4,9 @@ The op `fxopt::binary_linear` is what a packed binary layer (`fxopt.substitutes.
 what its saved model holds. The registry (`codegen.registry`) picks the implementation:
 
 * torch reference: unpack W to the activation dtype, one GEMM, scale, bias, activation;
-* CPU (codegen.binary_cpu): W unpacked once to a prepacked int8 matrix, the activations split
-  into int8 planes whose integer products are exact, one oneDNN GEMM;
+* CPU (codegen.binary_cpu): for a few rows an Inductor-compiled loop over the packed words; for
+  more, W unpacked once to a prepacked int8 matrix and the activations split into int8 planes
+  whose integer products are exact (one oneDNN GEMM), or an fp32 copy, whichever was faster;
 * Triton: the weights stay packed in global memory (1/16 of the bytes of bf16) and are unpacked in
   registers, tile by tile; scale, bias and the generated epilogue (codegen.epilogue: any chain
   the fuse pass accepts, as for kron) run on the fp32 accumulator before the one store.

@@ -5,9 +5,10 @@ planes, one integer GEMM (oneDNN; AMX or VNNI where the CPU has them).
 Few rows (`bits`, up to BITS_ROWS rows): reading fp32 weights is what a dense layer at batch 1
 waits on, and the packed words are 1/32 of those bytes. An Inductor-compiled kernel (generated C++,
 SIMD) walks each output's words, turns bit j into 0/1 in registers and sums bit·x, so
-x·Wᵀ = 2·Σ bit·x − Σ x (ternary: 2·Σ (sign∧mask)·x − Σ mask·x) in fp32 with no quantization: it
-computes what the reference computes up to float summation order. Compiled once per shape (rows,
-words, planes, threads) through `torch._inductor.compile` on a `make_fx` graph, without Dynamo, so
+x·Wᵀ = 2·Σ bit·x − Σ x in fp32 with no quantization: it computes what the reference computes up
+to float summation order. Ternary reads a 2-bit form made once from its two planes (W + 1 in 2-bit
+fields, the same bytes) and sums (W + 1)·x − x the same way. Compiled once per shape (rows,
+words, field width, threads) through `torch._inductor.compile` on a `make_fx` graph, without Dynamo, so
 it runs the same inside a caller's `torch.compile` and never meets a recompile limit. Its cost
 grows with the rows (every row re-reads the words), so larger batches take the GEMM.
 
@@ -71,7 +72,8 @@ log = logging.getLogger(__name__)
 _prepacked = WeakIdKeyDictionary()  # signs → (state key, prepacked int8 weight, ones, zeros)
 _dense = WeakIdKeyDictionary()  # signs → (state key, fp32 ±1 weight), where some bucket chose it
 _route = WeakIdKeyDictionary()  # signs → {(state key, activations, bucket): one of ROUTES}
-_kernels: dict[tuple, Optional[Callable]] = {}  # (rows, out, words, ternary, threads) → compiled (None: failed)
+_ternary = WeakIdKeyDictionary()  # signs → (state key, 2-bit codes), for the bits route
+_kernels: dict[tuple, Optional[Callable]] = {}  # (rows, out, words, bits, threads) → compiled (None: failed)
 _forced: list[str] = []
 
 
@@ -216,7 +218,7 @@ def forced_route(name: str) -> Iterator[None]:
 
 def _route_for(flat, signs, mask, in_features, activations) -> str:
     bucket = 1 << (flat.shape[0] - 1).bit_length()
-    bits = lambda: bucket <= BITS_ROWS and _kernel(flat, signs, mask) is not None  # noqa: E731
+    bits = lambda: bucket <= BITS_ROWS and _bits_kernel(flat, signs, mask, in_features) is not None  # noqa: E731
     if _forced:
         return "int8" if _forced[-1] == "bits" and not bits() else _forced[-1]
     state = planes_state(signs, mask, in_features)
@@ -227,7 +229,7 @@ def _route_for(flat, signs, mask, in_features, activations) -> str:
         candidates = [r for r in ROUTES if (r != "bits" or bits()) and (r != "int8" or int8_gemm_pays())]
         routes[key] = _fastest(candidates, flat, signs, mask, in_features, activations)
         used = set(routes.values())
-        for table, route in ((_dense, "dense"), (_prepacked, "int8")):
+        for table, route in ((_dense, "dense"), (_prepacked, "int8"), (_ternary, "bits")):
             if route not in used:
                 table.pop(signs, None)
     return routes[key]
@@ -255,44 +257,64 @@ def _via_dense(flat, signs, mask, in_features, activations) -> torch.Tensor:
     return torch.nn.functional.linear(x, _dense_weight(signs, mask, in_features))
 
 
+def _bits_kernel(flat, signs, mask, in_features) -> Optional[Callable]:
+    words, bits = (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)
+    return _kernel(flat, words, bits)
+
+
 def _via_bits(flat, signs, mask, in_features, activations) -> torch.Tensor:
-    """x·Wᵀ (unscaled) by the compiled loop over the packed words (int8: on the quantized x)."""
+    """x·Wᵀ (unscaled) by the compiled loop over packed words (int8: on the quantized x): the sign
+    bits themselves, or for ternary its 2-bit codes."""
     x = flat if activations == "exact" else fake_quantize(flat)
-    width = signs.shape[1] * WORD
-    x = F.pad(x, (0, width - in_features)) if width != in_features else x.contiguous()  # the tail's bits are 0
-    return _kernel(x, signs, mask)(x, signs) if mask is None else _kernel(x, signs, mask)(x, signs, mask)
+    words, bits = (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)
+    width = words.shape[1] * (WORD // bits)
+    x = F.pad(x, (0, width - in_features)) if width != in_features else x.contiguous()  # the tail's weights are 0
+    return _kernel(x, words, bits)(x, words)
 
 
 RUNS = {"bits": _via_bits, "int8": _via_int8, "dense": _via_dense}
 
 
-def _ones_times_x(words: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(rows, out): Σ over each output's packed bits of bit·x, the bits taken from the words in place."""
-    shifts = torch.arange(WORD, dtype=torch.int32, device=words.device)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).to(x.dtype)  # (out, words, 32), fused away by Inductor
-    return (bits * x.view(x.shape[0], 1, words.shape[1], WORD)).sum((-1, -2))
+def bits_product(x: torch.Tensor, words: torch.Tensor, bits: int) -> torch.Tensor:
+    """x·Wᵀ from `bits`-bit fields c (least significant first, 32 / bits per int32 word) that hold
+    W + 1 for bits = 2 (ternary: 0, 1, 2) or (W + 1) / 2 for bits = 1 (binary: the sign bit):
+    Σ c·x·(2 / 2^(bits−1)) − Σ x. x: (rows, words · 32 / bits), zero past K. What `bits` compiles;
+    Inductor turns the fields into floats in registers (the (out, words, fields) tensor is never made)."""
+    per = WORD // bits
+    shifts = torch.arange(0, WORD, bits, dtype=torch.int32, device=words.device)
+    fields = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(x.dtype)
+    total = (fields * x.view(x.shape[0], 1, words.shape[1], per)).sum((-1, -2))
+    return (total * 2 if bits == 1 else total) - x.sum(-1, keepdim=True)
 
 
-def bits_product(x: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x·Wᵀ for W = ±1 (or −1/0/+1) packed in `signs` (`mask`), x (rows, 32·words) zero-padded:
-    2·Σ bit·x − Σ x (ternary: 2·Σ (sign∧mask)·x − Σ mask·x). What `bits` compiles."""
-    if mask is None:
-        return _ones_times_x(signs, x) * 2 - x.sum(-1, keepdim=True)
-    return _ones_times_x(signs & mask, x) * 2 - _ones_times_x(mask, x)
+def ternary_codes(signs: torch.Tensor, mask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The 2-bit form of a ternary weight: W + 1 (0, 1, 2) in field j of word w for column 16·w + j,
+    (N, ⌈K/16⌉) int32 — the same 2 bits per weight as the sign and mask planes, interleaved so that
+    one shift and mask give each weight."""
+    n = signs.shape[0]
+    codes = (unpack_weight(signs, mask, in_features, torch.float32) + 1).to(torch.int64)
+    per = WORD // 2
+    codes = F.pad(codes, (0, -in_features % per)).view(n, -1, per)
+    words = (codes << torch.arange(0, WORD, 2)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
 
-def _kernel(x: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[Callable]:
+def _codes(signs, mask, in_features) -> torch.Tensor:
+    return kept(_ternary, signs, planes_state(signs, mask, in_features),
+                lambda: ternary_codes(signs, mask, in_features))
+
+
+def _kernel(x: torch.Tensor, words: torch.Tensor, bits: int) -> Optional[Callable]:
     """`bits_product` compiled by Inductor for these shapes (None where this machine cannot compile:
     no C++ compiler, for example; the GEMM routes then serve every batch)."""
-    key = (x.shape[0], *signs.shape, mask is not None, torch.get_num_threads())
+    key = (x.shape[0], *words.shape, bits, torch.get_num_threads())
     if key not in _kernels:
-        width = signs.shape[1] * WORD
-        args = [torch.zeros(x.shape[0], width), torch.zeros_like(signs)] + ([] if mask is None else [torch.zeros_like(mask)])
+        args = [torch.zeros(x.shape[0], words.shape[1] * (WORD // bits)), torch.zeros_like(words)]
         try:
             with torch.no_grad():
-                _kernels[key] = torch._inductor.compile(make_fx(lambda *a: bits_product(*a))(*args), args)
-        except Exception as e:  # noqa: BLE001  any compiler failure: the exact GEMM routes remain
-            log.warning("fxopt: the packed-bits CPU kernel could not be compiled (%s); using the int8 GEMM", e)
+                _kernels[key] = torch._inductor.compile(make_fx(lambda x, w: bits_product(x, w, bits))(*args), args)
+        except Exception as e:  # noqa: BLE001  any compiler failure: the GEMM routes remain, exact too
+            log.warning("fxopt: the packed-bits CPU kernel could not be compiled (%s); using a GEMM", e)
             _kernels[key] = None
     return _kernels[key]
 

@@ -72,14 +72,20 @@ def test_the_bits_route_is_compiled_once_per_shape_and_runs_inside_torch_compile
     with binary_cpu.forced_route("bits"):
         y = p(x)
         kernels = dict(binary_cpu._kernels)
-        assert (2, 70, 4, True, torch.get_num_threads()) in kernels  # 100 columns: 4 words, the last part-filled
+        assert (2, 70, 7, 2, torch.get_num_threads()) in kernels  # 100 ternary columns: 7 words of 2-bit codes
         torch.testing.assert_close(p(torch.randn(2, 100)).shape, y.shape)
         assert binary_cpu._kernels == kernels  # not compiled again
         torch.testing.assert_close(torch.compile(p, fullgraph=True)(x), y)
         p(torch.randn(binary_cpu.BITS_ROWS + 1, 100))  # past BITS_ROWS: the int8 GEMM, nothing compiled
         assert binary_cpu._kernels == kernels
-    torch.testing.assert_close(binary_cpu.bits_product(F.pad(x, (0, 28)), p.signs, p.mask),
-                               x @ (p.dense_weight() / p.scale[:, None]).t(), rtol=1e-5, atol=1e-5)
+    w = p.dense_weight() / p.scale[:, None]
+    codes = binary_cpu.ternary_codes(p.signs, p.mask, 100)
+    fields = (codes.unsqueeze(-1) >> torch.arange(0, 32, 2, dtype=torch.int32)) & 3
+    assert torch.equal(fields.reshape(70, -1)[:, :100] - 1, w.round().int())  # W + 1 in 2-bit fields, in order
+    torch.testing.assert_close(binary_cpu.bits_product(F.pad(x, (0, 12)), codes, 2), x @ w.t(), rtol=1e-5, atol=1e-5)
+    b = packed(70, 100, seed=8)
+    torch.testing.assert_close(binary_cpu.bits_product(F.pad(x, (0, 28)), b.signs, 1),
+                               x @ (b.dense_weight() / b.scale[:, None]).t(), rtol=1e-5, atol=1e-5)
 
 
 def test_a_derived_form_is_kept_only_while_a_route_uses_it(monkeypatch):

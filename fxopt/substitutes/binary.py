@@ -303,9 +303,10 @@ class _Packed(Substitute):
 
 class PackedBinaryLinear(FusedEpilogue, _Packed):
     """y = epilogue((x·Wᵀ)⊙α + b, *extras) with W packed 32 per int32, through the
-    `fxopt::binary_linear` op (Triton on a GPU; on a CPU an int8 GEMM on W unpacked once, exact
-    unless `activations="int8"`; the saved program keeps the op, so the weights stay packed). The
-    fuse pass sets `epilogue`, as for KronLinear."""
+    `fxopt::binary_linear` op (Triton on a GPU; on a CPU a compiled loop over the packed bits for
+    a few rows, an int8 or fp32 GEMM on W unpacked once for more, exact unless
+    `activations="int8"`; the saved program keeps the op, so the weights stay packed). The fuse
+    pass sets `epilogue`, as for KronLinear."""
 
     def __init__(self, signs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                  mask: torch.Tensor | None = None, epilogue: tuple = (), activations: str = "exact"):
