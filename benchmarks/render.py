@@ -357,7 +357,8 @@ def minilm_recover(r: dict) -> list[str]:
 
 
 def binary_cpu(r: dict) -> list[str]:
-    lines = ["## Packed 1-bit and ternary linear layers against dense fp32 (CPU)", "", machine(r), "",
+    lines = [f"## Packed 1-bit and ternary linear layers against dense fp32 (CPU: {r['machine']['cpu']})", "",
+             machine(r), ""] + ([r["note"], ""] if "note" in r else []) + [
              "`benchmarks/binary_cpu.py`: the packed layer as `fxopt optimize` saves it (1 bit per weight; ternary 2) "
              "against `nn.Linear` in fp32, best against best (the faster of eager and `torch.compile` on each side), "
              "> 1 meaning faster. **exact**: the default (within fp32 rounding of the dense layer). **int8**: "
@@ -444,7 +445,7 @@ def main() -> None:
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
     files += [("layerwise_distributed_cpu.json", layerwise_distributed)]
-    files += [("binary_cpu.json", binary_cpu), ("binary_digits_cpu.json", binary_digits),
+    files += [("binary_cpu.json", binary_cpu), ("binary_cpu_xeon.json", binary_cpu), ("binary_digits_cpu.json", binary_digits),
               ("budget_digits_cpu.json", budget_digits)]
     files += [(f"rescale_cnn_{name}cpu.json", rescale_cnn)  # the five-seed runs first
               for name in ("5seeds_", "5seeds_fulllr1_", "resnet_dw_heldout_", "", "resnet_dw_5full_", "resnet_dw_6low_", "3x3_")]
