@@ -273,7 +273,7 @@ def main() -> None:
 def _end_now(code) -> None:
     """End without Python's teardown of torch: with the output written and the group destroyed,
     gloo's worker threads can still abort the interpreter's exit now and then ('terminate called
-    without an active exception', SIGABRT; seen about 1 run in 10 of the 2-process tests), which
+    without an active exception', SIGABRT; seen about 1 run in 8 of the 2-process tests), which
     torchrun reports as this process failing."""
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)

@@ -199,11 +199,7 @@ def binary_linear(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bia
     """epilogue((x · Wᵀ) ⊙ scale + bias, *extras), W unpacked from `signs` (and `mask`); `epilogue`
     is a chain's JSON (codegen.epilogue); `activations` "int8" computes with x quantized per row
     (codegen.binary_cpu). See the module docstring."""
-    steps = ep.decode(epilogue)
-    if ep.extras_used(steps) > len(extras):
-        raise ValueError(f"binary_linear: epilogue {epilogue} reads {ep.extras_used(steps)} extras, got {len(extras)}")
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"binary_linear: activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    steps = _checked_steps(epilogue, extras, activations)
     run = pick(x, binary_linear_triton, binary_linear_reference, binary_linear_cpu if available() else None)
     if run is binary_linear_cpu:
         return run(x, signs, scale, bias, mask, in_features, extras, steps, activations)
@@ -222,10 +218,19 @@ def binary_linear_call(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor
     make_fx and other dispatch modes, tensor subclasses, functorch, an input that needs a gradient)
     sees the op."""
     if _eager_inference_on_cpu(x, extras):
-        steps = ep.decode(epilogue)
-        if activations in ACTIVATIONS and ep.extras_used(steps) <= len(extras):
-            return binary_linear_cpu(x, signs, scale, bias, mask, in_features, extras, steps, activations)
+        steps = _checked_steps(epilogue, extras, activations)
+        return binary_linear_cpu(x, signs, scale, bias, mask, in_features, extras, steps, activations)
     return binary_linear(x, signs, scale, bias, mask, in_features, extras, epilogue, activations)
+
+
+def _checked_steps(epilogue: str, extras: list[torch.Tensor], activations: str) -> ep.Steps:
+    """The epilogue's steps, after checking the op's string arguments against what it was given."""
+    steps = ep.decode(epilogue)
+    if ep.extras_used(steps) > len(extras):
+        raise ValueError(f"binary_linear: epilogue {epilogue} reads {ep.extras_used(steps)} extras, got {len(extras)}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"binary_linear: activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    return steps
 
 
 def _eager_inference_on_cpu(x: torch.Tensor, extras: list[torch.Tensor]) -> bool:

@@ -32,9 +32,9 @@ Activations (per row of x; s = a power of two with max|x| / s in (63.5, 127], so
 
 Choosing: for each weight and batch-size bucket (powers of two) the first call times the routes
 on its own input and keeps the fastest: `bits` (buckets up to BITS_ROWS), the int8 GEMM (where
-`int8_gemm_pays` on this CPU), or
-`F.linear` on an fp32 copy of the ±1 weight unpacked once (small layers, whose weights sit in cache
-and where the int8 route's fixed costs of splitting and combining dominate). With `int8`
+`int8_gemm_pays` on this CPU), or `F.linear` on an fp32 copy of the ±1 weight unpacked once (small
+layers, whose weights sit in cache and where the int8 route's fixed costs of splitting and
+combining dominate). With `int8`
 activations every route computes on the quantized rows, which keeps the numbers of that setting.
 A derived form (the int8 matrix, ¼ of fp32; the fp32 copy) is kept only while some bucket's route
 uses it; the saved file holds 1 bit per weight either way. `forced_route` pins one route (tests,
@@ -257,16 +257,20 @@ def _via_dense(flat, signs, mask, in_features, activations) -> torch.Tensor:
     return torch.nn.functional.linear(x, _dense_weight(signs, mask, in_features))
 
 
+def _bit_words(signs, mask, in_features) -> tuple[torch.Tensor, int]:
+    """What the bits route reads, and its field width: the sign bits themselves, or for ternary
+    its 2-bit codes."""
+    return (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)
+
+
 def _bits_kernel(flat, signs, mask, in_features) -> Optional[Callable]:
-    words, bits = (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)
-    return _kernel(flat, words, bits)
+    return _kernel(flat, *_bit_words(signs, mask, in_features))
 
 
 def _via_bits(flat, signs, mask, in_features, activations) -> torch.Tensor:
-    """x·Wᵀ (unscaled) by the compiled loop over packed words (int8: on the quantized x): the sign
-    bits themselves, or for ternary its 2-bit codes."""
+    """x·Wᵀ (unscaled) by the compiled loop over packed words (int8: on the quantized x)."""
     x = flat if activations == "exact" else fake_quantize(flat)
-    words, bits = (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)
+    words, bits = _bit_words(signs, mask, in_features)
     width = words.shape[1] * (WORD // bits)
     x = F.pad(x, (0, width - in_features)) if width != in_features else x.contiguous()  # the tail's weights are 0
     return _kernel(x, words, bits)(x, words)

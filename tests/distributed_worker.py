@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import traceback
 
@@ -19,6 +18,7 @@ from torch import nn
 
 import fxopt
 from fxopt import rules
+from fxopt.console.cli import _end_now
 from fxopt.distributed import data_parallel, fully_shard_model
 from fxopt.errors import FxoptError
 from fxopt.pipeline import rewrite
@@ -145,7 +145,4 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # as fxopt's own processes do (cli._end_now): Python's teardown after gloo sometimes aborts
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _end_now(0)  # as fxopt's own processes end: Python's teardown after gloo sometimes aborts

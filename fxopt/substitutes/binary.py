@@ -317,7 +317,7 @@ class PackedBinaryLinear(FusedEpilogue, _Packed):
 
     def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         return binary_linear_call(x, self.signs, self.scale, self.bias, self.mask, self.in_features, list(extras),
-                             self._epilogue_text, self.activations)
+                                  self._epilogue_text, self.activations)
 
     def dense_weight(self) -> torch.Tensor:
         return self._weight(self.in_features, self.scale.dtype) * self.scale[:, None]
