@@ -322,6 +322,24 @@ def test_cpu_path_in_chunks_matches_the_reference(monkeypatch, rows, chain):
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), ()], ids=["batch1", "batch1-seq1", "unbatched"])
+@pytest.mark.parametrize("bias_kind", ["same", "none", "float64"])
+def test_one_row_path_matches_the_reference(rank, lead, bias_kind):
+    # a single row takes two plain GEMMs with the bias inside the second (addmm): the batch-1 case
+    a, b, bias = _factors(rank, 5, 4, 7, 6, seed=rank, device="cpu")
+    bias = {"same": bias, "none": None, "float64": bias.double()}[bias_kind]
+    x = torch.randn(*lead, 42, requires_grad=True)
+    for chain in ([], [["gelu"], ["mul", 0.5]]):
+        out = kron_codegen.kron_linear_torch(x, a, b, bias, [], ep.check(chain))
+        ref = kron_linear_reference(x, a, b, bias, [], ep.check(chain))
+        assert out.shape == ref.shape == (*lead, 20) and out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        (g,) = torch.autograd.grad(out.sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_large_calls_are_chunked_at_the_shipped_thresholds():
     # 4096×4096 with 64×64 factors at rank 4: 16,384 floats of intermediate per row
     assert kron_codegen.row_chunk(256, 4 * 64 * 64) is None
