@@ -35,7 +35,7 @@ import fxopt  # noqa: E402
 from fxopt.bench import speedups, variants  # noqa: E402
 from fxopt.layerwise import Layerwise  # noqa: E402
 from fxopt.rules import parse  # noqa: E402
-from fxopt.save import write_json  # noqa: E402
+from fxopt.save import inference_module, write_json  # noqa: E402
 
 SIZE = 32
 
@@ -172,7 +172,7 @@ def run(name: str, seed: int, args, data) -> dict:
                                                 distill_sites=args.distill_sites),
                             source=f"{name}, seed {seed}")
     compress_s = time.perf_counter() - start
-    rewritten = result.program.module()
+    rewritten = inference_module(result.program)  # what fxopt.load returns
     acc = accuracy(rewritten, xte, yte)
     t = time_variants(variants(model, rewritten, compiled=True), (xte[:args.batch],), args.rounds, args.min_run_time)
     e2e, totals = result.report["end_to_end"], result.report["totals"]

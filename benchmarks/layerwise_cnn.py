@@ -30,7 +30,7 @@ import fxopt  # noqa: E402
 from fxopt.bench import speedups, variants  # noqa: E402
 from fxopt.layerwise import Layerwise  # noqa: E402
 from fxopt.rules import parse  # noqa: E402
-from fxopt.save import write_json  # noqa: E402
+from fxopt.save import inference_module, write_json  # noqa: E402
 
 SIZE = 32
 
@@ -134,7 +134,7 @@ def run_model(name: str, args, data) -> dict:
                                                 distill_steps=args.distill_steps, distill_lr=args.distill_lr),
                             source=f"{name}-style CNN")
     compress_s = time.perf_counter() - start
-    rewritten = result.program.module()
+    rewritten = inference_module(result.program)  # what fxopt.load returns
     acc = accuracy(rewritten, xte, yte)
     print(f"{name}: compressed in {compress_s:.0f} s, test accuracy {acc:.2f}%", flush=True)
 

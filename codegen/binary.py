@@ -35,7 +35,7 @@ from fxopt.bits import unpack_weight, words_for
 
 from . import epilogue as ep
 from .binary_cpu import ACTIVATIONS, available, binary_linear_cpu, fake_quantize, kept, planes_state
-from .registry import HAVE_TRITON, interpreted, pick
+from .registry import HAVE_TRITON, direct_call, interpreted, pick
 
 GEMV_MAX_ROWS = 16
 
@@ -208,6 +208,7 @@ def binary_linear(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bia
     return run(x, signs, scale, bias, mask, in_features, extras, steps)
 
 
+@direct_call(torch.ops.fxopt.binary_linear.default)
 def binary_linear_call(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                        mask: Optional[torch.Tensor], in_features: int, extras: list[torch.Tensor], epilogue: str,
                        activations: str) -> torch.Tensor:
@@ -332,6 +333,7 @@ def _conv(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups)
     return CONVS[len(shape) - 2](x, w, b, stride, padding, dilation, groups)
 
 
+@direct_call(torch.ops.fxopt.binary_conv.default)
 def binary_conv_call(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                      mask: Optional[torch.Tensor], shape: list[int], stride: list[int], padding: list[int],
                      dilation: list[int], groups: int) -> torch.Tensor:

@@ -13,15 +13,20 @@ Set it with the environment variable `FXOPT_BACKEND` or, in Python, `use_backend
 context manager). Every kernel op and every substitute that calls one chooses with
 `pick(tensor, triton_implementation, torch_implementation)`; `wants_triton` itself is asked only
 where a whole strategy differs (wta_hash's CPU band tables).
+
+An op may also name the function its substitute calls in its place (`direct_call`: the op, or in
+eager inference on plain CPU tensors the op's body, without the custom-op dispatch);
+`call_directly` points a loaded program's calls of the op at that function (fxopt.save.load).
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from torch import fx
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -81,3 +86,28 @@ def pick(x: torch.Tensor, triton_impl, torch_impl, cpu_impl=None):
     if cpu_impl is not None and x.device.type == "cpu" and backend() == "auto":
         return cpu_impl
     return torch_impl
+
+
+# op overload → the function that stands in for it (the op, or its body where nothing records or
+# differentiates the call); filled by the kernel modules through `direct_call`
+DIRECT: dict[object, Callable] = {}
+
+
+def direct_call(op) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` (same arguments as `op`) is what a loaded program calls instead of `op`."""
+    def register(fn: Callable) -> Callable:
+        DIRECT[op] = fn
+        return fn
+    return register
+
+
+def call_directly(gm: fx.GraphModule) -> int:
+    """In place: `gm`'s calls of an op with a `direct_call` function call that function instead
+    (an exported program names the op itself, whose dispatch costs tens of µs a call on CPU);
+    returns how many calls were redirected."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in DIRECT]
+    for node in nodes:
+        node.target = DIRECT[node.target]
+    if nodes:
+        gm.recompile()
+    return len(nodes)

@@ -4,9 +4,11 @@ and per rewritten site, side by side in one process.
 Each figure is the median, over interleaved rounds, of torch.utils.benchmark medians taken after
 warm-up (compilation happens there). Ratios are original time / rewritten time (> 1: faster);
 "best" compares the faster of eager and compiled on each side, so a rewritten model is never
-credited for being compiled against an uncompiled original. Per-site timings run each original
-layer and its substitute on a random input of the site's recorded shape. Rounds that disagree are
-timed again; a figure that stays inconsistent is marked `unreliable` (fxopt/timing.py).
+credited for being compiled against an uncompiled original. End to end, the rewritten side is the
+exported program as `fxopt.load` returns it (fxopt.save.inference_module). Per-site timings run
+each original layer and its substitute on a random input of the site's recorded shape. Rounds that
+disagree are timed again; a figure that stays inconsistent is marked `unreliable`
+(fxopt/timing.py).
 
     >>> timings = bench(model, example_inputs, "kron")          # doctest: +SKIP
     >>> timings["end_to_end"]["speedup"]["best"]
@@ -26,6 +28,7 @@ from .gate import site_input
 from .layerwise import Layerwise
 from .pipeline import Result, optimize
 from .rules import RuleSet
+from .save import inference_module
 from .timing import Timing, measure
 from .validate import eval_mode
 
@@ -79,7 +82,7 @@ def bench(model: nn.Module, example_inputs: tuple, rules: str | Path | RuleSet, 
                                 layerwise=layerwise, evaluate=evaluate)
     inputs = tuple(example_inputs)
     with eval_mode(model):
-        t = measure(variants(model, result.program.module(), compile), inputs, rounds, min_run_time)
+        t = measure(variants(model, inference_module(result.program), compile), inputs, rounds, min_run_time)
     e2e = _row(t, compile)
     sites = []
     for site, substitute in result.substitutes:

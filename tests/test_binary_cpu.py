@@ -306,3 +306,32 @@ def test_the_timed_choice_leaves_out_an_int8_gemm_that_does_not_pay_on_this_cpu(
     monkeypatch.setattr(binary_cpu, "int8_gemm_pays", lambda: True)
     p(torch.randn(64, 64))
     assert offered[-1] == ["int8", "dense"]
+
+
+def _op_events(module: nn.Module, x: torch.Tensor) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        module(x)
+    return [e.name for e in prof.events() if e.name.startswith("fxopt::binary_")]
+
+
+def test_a_loaded_program_runs_packed_layers_without_the_op_dispatch_and_still_traces_the_op(tmp_path):
+    # an exported program names the op; fxopt.load points those calls at the functions the packed
+    # layers call (codegen.registry.call_directly): the op's body in eager inference, the op when traced
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    result = fxopt.optimize(model, (x,), "binary", time_sites=False)
+    loaded = fxopt.load(result.save(tmp_path / "out"))
+    targets = {n.target for n in loaded.graph.nodes if n.op == "call_function"}
+    assert {"binary_conv_call", "binary_linear_call"} <= {getattr(t, "__name__", "") for t in targets}
+    assert not targets & {torch.ops.fxopt.binary_linear.default, torch.ops.fxopt.binary_conv.default}
+    plain = result.program.module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), plain(x), rtol=1e-5, atol=1e-5)  # routes may differ in summation order
+        assert _op_events(plain, x) and not _op_events(loaded, x)  # the plain module goes through the op
+        torch.testing.assert_close(torch.compile(loaded)(x), plain(x), rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(loaded, (x,))
+    ops = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    assert {torch.ops.fxopt.binary_linear.default, torch.ops.fxopt.binary_conv.default} <= ops
