@@ -43,14 +43,15 @@ def kron_linear(r: dict) -> list[str]:
 
 
 def kron_linear_large(r: dict) -> list[str]:
-    lines = ["## `KronLinear` at language-model sizes (CPU)", "", machine(r), "",
-             "4096×4096 with 64×64 factors and 4096 → 11008 with automatic factors, built with `max_flops_ratio: null`",
-             "at ranks 1 and 4; forward, and a training step (forward + backward into every parameter and the",
-             "input). Speed-ups against `nn.Linear`: **best against best** (the faster of eager and compiled on",
-             "each side) · eager against eager · compiled against compiled; in brackets the FLOP ratio (at small",
-             "batches the dense layer is bound by reading its weights, so the speed-up can exceed it).", "",
-             "| in × out | mode | batch | dense µs (eager / compiled) | rank 1: best · eager · compiled (FLOP ratio) "
-             "| rank 4: best · eager · compiled (FLOP ratio) |", "|---|---|---|---|---|---|"]
+    lines = [f"## `KronLinear` at language-model sizes (CPU: {r['machine']['cpu']})", "", machine(r), ""]
+    lines += [r["note"], ""] if "note" in r else []
+    lines += ["4096×4096 with 64×64 factors and 4096 → 11008 with automatic factors, built with `max_flops_ratio: null`",
+              "at ranks 1 and 4; forward, and a training step (forward + backward into every parameter and the",
+              "input). Speed-ups against `nn.Linear`: **best against best** (the faster of eager and compiled on",
+              "each side) · eager against eager · compiled against compiled; in brackets the FLOP ratio (at small",
+              "batches the dense layer is bound by reading its weights, so the speed-up can exceed it).", "",
+              "| in × out | mode | batch | dense µs (eager / compiled) | rank 1: best · eager · compiled (FLOP ratio) "
+              "| rank 4: best · eager · compiled (FLOP ratio) |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
         cells = []
         for name in ("r1", "r4"):
@@ -439,6 +440,7 @@ def main() -> None:
            "machine named with it. No GPU figures yet: no GPU was available to run the kernels. Timings under the Triton",
            "interpreter are never quoted.", ""]
     files = [("kron_linear_cpu.json", kron_linear), ("kron_linear_large_cpu.json", kron_linear_large),
+             ("kron_linear_large_cpu_xeon.json", kron_linear_large),
              ("kron_build_cpu.json", kron_build), ("kron_trained_cpu.json", kron_trained),
              ("kron_trained_digits_cpu.json", kron_trained),
              ("examples_cpu.json", examples),

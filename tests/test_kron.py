@@ -342,8 +342,11 @@ def test_one_row_path_matches_the_reference(rank, lead, bias_kind):
 
 def test_large_calls_are_chunked_at_the_shipped_thresholds():
     # 4096×4096 with 64×64 factors at rank 4: 16,384 floats of intermediate per row
-    assert kron_codegen.row_chunk(256, 4 * 64 * 64) is None
-    assert kron_codegen.row_chunk(1024, 4 * 64 * 64) == 128
+    assert kron_codegen.row_chunk(64, 4 * 64 * 64) is None  # 1 M floats: one pass
+    assert kron_codegen.row_chunk(256, 4 * 64 * 64) == 32  # chunks of 512 K floats (2 MB)
+    assert kron_codegen.row_chunk(1024, 4 * 64 * 64) == 32
+    assert kron_codegen.row_chunk(256, 64 * 64) is None
+    assert kron_codegen.row_chunk(1024, 64 * 64) == 128
 
 
 # --- mixed factor shapes (Zhou et al. §3.3) -------------------------------------------------------
