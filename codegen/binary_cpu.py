@@ -1,6 +1,7 @@
 """The CPU path of `fxopt::binary_linear`: for a few rows, a compiled loop over the packed words
 themselves; for more, ±1 (or −1/0/+1) weights as a prepacked int8 matrix, the activations as int8
-planes, one integer GEMM (oneDNN; AMX or VNNI where the CPU has them).
+planes (passed as uint8 with zero point 128), one integer GEMM (oneDNN; AMX or VNNI where the CPU
+has them).
 
 Few rows (`bits`, up to BITS_ROWS rows): reading fp32 weights is what a dense layer at batch 1
 waits on, and the packed words are 1/32 of those bytes. An Inductor-compiled kernel (generated C++,
@@ -91,9 +92,10 @@ def available() -> bool:
 @functools.cache
 def int8_gemm_pays() -> bool:
     """Is oneDNN's int8 GEMM at least half as fast as fp32's on this machine (32 × 512 × 512, one
-    timed run each after a warm-up)? On some CPUs it falls back to a reference loop: on one 2-core
-    AMD EPYC VM it took 97 ms where fp32 took 0.3 ms, and timing it at a large layer's batch would
-    take minutes, so there the timed choice never tries it (the other routes are exact too)."""
+    timed run each after a warm-up)? Where oneDNN has no fast kernel for the CPU it falls back to a
+    reference loop (with int8 rows on a 2-core AMD EPYC VM: 97 ms where fp32 took 0.3 ms; `_gemm`
+    now passes uint8), and timing that at a large layer's batch would take minutes, so there the
+    timed choice never tries it (the other routes are exact too)."""
     q = torch.randint(-127, 128, (32, 512), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
     w = torch.randint(-1, 2, (512, 512), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     packed = (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512, dtype=torch.int64))
@@ -178,9 +180,15 @@ def _weight(signs: torch.Tensor, mask: Optional[torch.Tensor], in_features: int)
 
 
 def _gemm(q: torch.Tensor, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """int8 rows × prepacked int8 weight → the exact integer products, as fp32 (unit scales)."""
+    """int8 rows × prepacked int8 weight → the exact integer products, as fp32 (unit scales).
+
+    The rows go in as uint8 with zero point 128 (q + 128: the same bits with the top one flipped):
+    x86 VNNI multiplies unsigned by signed bytes, and for int8 rows oneDNN ran a reference loop on
+    a 2-core AMD EPYC VM (88 ms against 25 µs for uint8 at 32 × 512 × 512). oneDNN subtracts the
+    zero point's share (128 · Σ w per output) in int32, so the products stay exact."""
     packed, ones, zeros = w
-    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
+    unsigned = q.view(torch.uint8).bitwise_xor(128)
+    return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
                                               "none", [], "")
 
 

@@ -294,6 +294,20 @@ def test_eager_inference_skips_the_op_dispatch_and_everything_that_records_sees_
     assert not direct(torch.randn(3, 40, dtype=torch.float64).as_subclass(torch.nn.Parameter), [])
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 8, 8), (5, 4099, 33), (96, 512, 64)])
+def test_the_int8_gemm_gives_the_exact_integer_products(m, k, n):
+    # rows go to oneDNN as uint8 with zero point 128; its compensation must leave the products exact,
+    # at the extremes of the planes' range too
+    g = torch.Generator().manual_seed(m)
+    q = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    q[0, :3] = torch.tensor([-127, 127, 0], dtype=torch.int8)
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    packed = (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n), torch.zeros(n, dtype=torch.int64))
+    assert torch.equal(binary_cpu._gemm(q, packed).double(), q.double() @ w.double().T)
+    assert torch.equal(binary_cpu._gemm(torch.full((m, k), -127, dtype=torch.int8), packed).double(),
+                       torch.full((m, k), -127.0, dtype=torch.float64) @ w.double().T)
+
+
 def test_the_timed_choice_leaves_out_an_int8_gemm_that_does_not_pay_on_this_cpu(monkeypatch):
     assert isinstance(binary_cpu.int8_gemm_pays.__wrapped__(), bool)  # the probe runs on this machine
     p = packed(40, 64, seed=11)
