@@ -32,10 +32,10 @@ Activations (per row of x; s = a power of two with max|x| / s in (63.5, 127], so
   reference fake-quantize the same way, so validation reports this error per site.
 
 Choosing: for each weight and batch-size bucket (powers of two) the first call times the routes
-on its own input (interleaved rounds, each route's fastest run) and keeps the fastest: `bits` (buckets up to BITS_ROWS), the int8 GEMM (where
-`int8_gemm_pays` on this CPU), or `F.linear` on an fp32 copy of the ±1 weight unpacked once (small
-layers, whose weights sit in cache and where the int8 route's fixed costs of splitting and
-combining dominate). With `int8`
+on its own input (interleaved rounds, each route's fastest run) and keeps the fastest: `bits`
+(buckets up to BITS_ROWS), the int8 GEMM (where `int8_gemm_pays` on this CPU), or `F.linear` on an
+fp32 copy of the ±1 weight unpacked once (small layers, whose weights sit in cache and where the
+int8 route's fixed costs of splitting and combining dominate). With `int8`
 activations every route computes on the quantized rows, which keeps the numbers of that setting.
 A derived form (the int8 matrix, ¼ of fp32; the fp32 copy) is kept only while some bucket's route
 uses it; the saved file holds 1 bit per weight either way. `forced_route` pins one route (tests,
