@@ -83,7 +83,7 @@ def available() -> bool:
     """oneDNN's quantized linear is in this build of torch and runs."""
     try:
         w = torch.ops.onednn.qlinear_prepack(torch.ones(8, 8, dtype=torch.int8), None)
-        _gemm(torch.ones(1, 8, dtype=torch.int8), (w, torch.ones(8), torch.zeros(8, dtype=torch.int64)))
+        _gemm(torch.full((1, 8), 129, dtype=torch.uint8), (w, torch.ones(8), torch.zeros(8, dtype=torch.int64)))
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
@@ -96,12 +96,12 @@ def int8_gemm_pays() -> bool:
     reference loop (with int8 rows on a 2-core AMD EPYC VM: 97 ms where fp32 took 0.3 ms; `_gemm`
     now passes uint8), and timing that at a large layer's batch would take minutes, so there the
     timed choice never tries it (the other routes are exact too)."""
-    q = torch.randint(-127, 128, (32, 512), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    u = torch.randint(1, 256, (32, 512), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     w = torch.randint(-1, 2, (512, 512), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     packed = (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512, dtype=torch.int64))
-    x, wf = q.float(), w.float()
+    x, wf = u.float(), w.float()
     seconds = []
-    for run in (lambda: _gemm(q, packed), lambda: F.linear(x, wf)):
+    for run in (lambda: _gemm(u, packed), lambda: F.linear(x, wf)):
         run()
         start = time.perf_counter()
         run()
@@ -126,6 +126,27 @@ def planes(x: torch.Tensor, count: int) -> tuple[list[torch.Tensor], torch.Tenso
         out.append(q.to(torch.int8))
         if i + 1 < count:
             r = (r - q) * STEP
+    return out, s
+
+
+PLANE_CHUNK = 2**18  # floats of x split at a time by `unsigned_planes` (1 MB: its temporaries stay in cache)
+
+
+def unsigned_planes(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`planes(x, count)` as the int8 route feeds them to oneDNN: one (count, rows, K) uint8 tensor
+    of qᵢ + 128, and the row scales. Split in chunks of rows, in place, into the one output: whole
+    at batch 1024 × 4096 the temporaries were 16 MB each and the split took 35 ms (13 ms chunked)."""
+    s = row_scale(x)
+    m, k = x.shape
+    out = torch.empty(count, m, k, dtype=torch.uint8)
+    rows = max(1, PLANE_CHUNK // max(k, 1))
+    for lo in range(0, m, rows):
+        r = x[lo:lo + rows] / s[lo:lo + rows]  # exact: s is a power of two
+        for i in range(count):
+            q = torch.round(r).clamp_(-127, 127)
+            if i + 1 < count:
+                r = r.sub_(q).mul_(STEP)
+            out[i, lo:lo + rows] = q.add_(128)  # 1 … 255, exact in uint8
     return out, s
 
 
@@ -179,16 +200,16 @@ def _weight(signs: torch.Tensor, mask: Optional[torch.Tensor], in_features: int)
     return kept(_prepacked, signs, planes_state(signs, mask, in_features), make)
 
 
-def _gemm(q: torch.Tensor, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """int8 rows × prepacked int8 weight → the exact integer products, as fp32 (unit scales).
+def _gemm(u: torch.Tensor, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Rows u = q + 128 (uint8, `unsigned_planes`) × prepacked int8 weight → the exact integer
+    products q·Wᵀ, as fp32 (unit scales).
 
-    The rows go in as uint8 with zero point 128 (q + 128: the same bits with the top one flipped):
-    x86 VNNI multiplies unsigned by signed bytes, and for int8 rows oneDNN ran a reference loop on
-    a 2-core AMD EPYC VM (88 ms against 25 µs for uint8 at 32 × 512 × 512). oneDNN subtracts the
-    zero point's share (128 · Σ w per output) in int32, so the products stay exact."""
+    The rows go in as uint8 with zero point 128: x86 VNNI multiplies unsigned by signed bytes, and
+    for int8 rows oneDNN ran a reference loop on a 2-core AMD EPYC VM (88 ms against 25 µs for
+    uint8 at 32 × 512 × 512). oneDNN subtracts the zero point's share (128 · Σ w per output) in
+    int32, so the products stay exact."""
     packed, ones, zeros = w
-    unsigned = q.view(torch.uint8).bitwise_xor(128)
-    return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
                                               "none", [], "")
 
 
@@ -246,16 +267,17 @@ def _route_for(flat, signs, mask, in_features, activations) -> str:
 def _via_int8(flat, signs, mask, in_features, activations) -> torch.Tensor:
     """x·Wᵀ (unscaled) by the int8 GEMM on the activation planes."""
     w = _weight(signs, mask, in_features)
-    qs, s = planes(flat, PLANES[activations])
+    count = PLANES[activations]
+    us, s = unsigned_planes(flat, count)
     m, n = flat.shape[0], signs.shape[0]
-    if len(qs) == 1:
-        acc = _gemm(qs[0], w)
+    if count == 1:
+        acc = _gemm(us[0], w)
     elif m <= STACK_ROWS:  # one GEMM over the planes stacked as rows, then Σᵢ 254⁻ⁱ·Yᵢ as one product
-        acc = (_weights(len(qs)) @ _gemm(torch.cat(qs), w).view(len(qs), m * n)).view(m, n)
+        acc = (_weights(count) @ _gemm(us.view(count * m, -1), w).view(count, m * n)).view(m, n)
     else:
-        acc = _gemm(qs[0], w)
-        for i in range(1, len(qs)):
-            acc = acc.add_(_gemm(qs[i], w), alpha=STEP ** -i)
+        acc = _gemm(us[0], w)
+        for i in range(1, count):
+            acc = acc.add_(_gemm(us[i], w), alpha=STEP ** -i)
     return acc.mul_(s)
 
 

@@ -296,16 +296,30 @@ def test_eager_inference_skips_the_op_dispatch_and_everything_that_records_sees_
 
 @pytest.mark.parametrize("m,k,n", [(1, 8, 8), (5, 4099, 33), (96, 512, 64)])
 def test_the_int8_gemm_gives_the_exact_integer_products(m, k, n):
-    # rows go to oneDNN as uint8 with zero point 128; its compensation must leave the products exact,
-    # at the extremes of the planes' range too
+    # rows go to oneDNN as uint8 q + 128 with zero point 128; its compensation must leave the
+    # products exact, at the extremes of the planes' range too
     g = torch.Generator().manual_seed(m)
-    q = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
-    q[0, :3] = torch.tensor([-127, 127, 0], dtype=torch.int8)
+    q = torch.randint(-127, 128, (m, k), generator=g)
+    q[0, :3] = torch.tensor([-127, 127, 0])
     w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
     packed = (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n), torch.zeros(n, dtype=torch.int64))
-    assert torch.equal(binary_cpu._gemm(q, packed).double(), q.double() @ w.double().T)
-    assert torch.equal(binary_cpu._gemm(torch.full((m, k), -127, dtype=torch.int8), packed).double(),
-                       torch.full((m, k), -127.0, dtype=torch.float64) @ w.double().T)
+    for rows in (q, torch.full((m, k), -127)):
+        out = binary_cpu._gemm((rows + 128).to(torch.uint8), packed)
+        assert torch.equal(out.double(), rows.double() @ w.double().T)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("m,k", [(1, 7), (9, 40), (64, 33)])
+def test_unsigned_planes_are_the_planes_shifted_by_128_in_every_chunk(monkeypatch, count, m, k):
+    monkeypatch.setattr(binary_cpu, "PLANE_CHUNK", 3 * k)  # chunks of 3 rows: one, several, a tail
+    g = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-4, 4, m).unsqueeze(1)
+    x[0] = 0.0  # an all-zero row (scale 1)
+    us, s = binary_cpu.unsigned_planes(x, count)
+    qs, s_ref = binary_cpu.planes(x, count)
+    assert us.dtype == torch.uint8 and us.shape == (count, m, k) and torch.equal(s, s_ref)
+    for u, q in zip(us, qs):
+        assert torch.equal(u.to(torch.int16) - 128, q.to(torch.int16))
 
 
 def test_the_timed_choice_leaves_out_an_int8_gemm_that_does_not_pay_on_this_cpu(monkeypatch):
