@@ -93,9 +93,9 @@ def available() -> bool:
 def int8_gemm_pays() -> bool:
     """Is oneDNN's int8 GEMM at least half as fast as fp32's on this machine (32 × 512 × 512, one
     timed run each after a warm-up)? Where oneDNN has no fast kernel for the CPU it falls back to a
-    reference loop (with int8 rows on a 2-core AMD EPYC VM: 97 ms where fp32 took 0.3 ms; `_gemm`
-    now passes uint8), and timing that at a large layer's batch would take minutes, so there the
-    timed choice never tries it (the other routes are exact too)."""
+    reference loop (int8 rows on a 2-core AMD EPYC VM: 97 ms where fp32 took 0.3 ms, hence
+    `_gemm`'s uint8 rows), and timing that at a large layer's batch would take minutes, so there
+    the timed choice never tries it (the other routes are exact too)."""
     u = torch.randint(1, 256, (32, 512), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     w = torch.randint(-1, 2, (512, 512), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     packed = (torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512, dtype=torch.int64))
