@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -227,9 +228,24 @@ def binary_linear_cpu(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor,
     m = flat.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    acc = RUNS[_route_for(flat, signs, mask, in_features, activations)](flat, signs, mask, in_features, activations)
+    route = _route_for(flat, signs, mask, in_features, activations)
+    acc = RUNS[route](flat, signs, mask, in_features, activations)
+    if (route != "dense" or activations != "exact") and not math.isfinite(flat.sum().item()):  # 2 µs at 1 × 4096
+        _non_finite_rows(acc, flat, signs, mask, in_features)
     y = acc.mul_(scale.float()) if bias is None else torch.addcmul(bias.float(), acc, scale.float())
     return ep.apply(y.to(x.dtype).reshape(*x.shape[:-1], n), steps, extras)
+
+
+def _non_finite_rows(acc: torch.Tensor, flat: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor],
+                     in_features: int) -> None:
+    """In place: the rows of `acc` whose input holds an inf or a NaN, as an fp32 GEMM computes them.
+    The planes of such a row are not defined (its scale is not finite; `int8` activations quantize
+    it likewise) and the bits loop's 2·Σ bit·x − Σ x turns ±inf into NaN, so each would return
+    numbers a dense layer does not: finite ones, or the wrong sign. Rare enough to unpack the
+    weight for."""
+    bad = ~torch.isfinite(flat).all(-1)
+    if bad.any():  # else only a finite row's sum overflowed
+        acc[bad] = F.linear(flat[bad], unpack_weight(signs, mask, in_features, torch.float32))
 
 
 @contextlib.contextmanager

@@ -66,6 +66,23 @@ def test_exact_path_is_within_its_bound_at_every_batch_size(route, m, n, k, tern
     assert err <= 4 * (F.linear(x, p.dense_weight(), p.bias).double() - exact_reference(p, x)).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("route, m", [("bits", 4), ("int8", 4), ("int8", 80), ("dense", 4)])
+@pytest.mark.parametrize("ternary", [False, True])
+@pytest.mark.parametrize("activations", ["exact", "int8"])
+def test_inputs_that_are_not_finite_give_what_the_dense_layer_gives(route, m, ternary, activations):
+    # an inf or a NaN has no int8 planes and turns the bits loop's ±inf into NaN: such rows must
+    # come out as an fp32 layer computes them (±inf of the right sign, NaN), never finite numbers
+    p = packed(24, 40, ternary, seed=m, activations=activations)
+    x = torch.randn(m, 40)
+    x[1, 3], x[2, 5], x[3, 0] = float("inf"), float("-inf"), float("nan")
+    with binary_cpu.forced_route(route):
+        y = p(x)
+    dense = F.linear(x, p.dense_weight(), p.bias)
+    torch.testing.assert_close(y[1:4], dense[1:4], equal_nan=True)
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[4:]).all()
+    torch.testing.assert_close(y[0], p(x[:1])[0])  # the finite rows as without the others
+
+
 def test_the_bits_route_is_compiled_once_per_shape_and_runs_inside_torch_compile():
     p = packed(70, 100, ternary=True, seed=8)
     x = torch.randn(2, 100)
