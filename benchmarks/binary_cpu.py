@@ -56,7 +56,7 @@ def measure(n_in: int, n_out: int, batch: int, rounds: int, min_run_time: float)
     t = time_variants(variants, (x,), rounds, min_run_time)
     best_dense = min(t["dense"], t["dense+compile"])
     row = {"in": n_in, "out": n_out, "batch": batch, "us": {k: round(v * 1e6, 1) for k, v in t.items()},
-           "routes": {name: sorted(set(binary_cpu._route.get(variants[name].signs, {}).values())) for name in FORMS}}
+           "routes": {name: binary_cpu.chosen_routes(variants[name].signs) for name in FORMS}}
     for name in FORMS:
         row[name] = round(best_dense / min(t[name], t[f"{name}+compile"]), 2)
     if "reference" in t:

@@ -261,6 +261,11 @@ def forced_route(name: str) -> Iterator[None]:
         _forced.pop()
 
 
+def chosen_routes(signs: torch.Tensor) -> list[str]:
+    """The routes the timed choice has taken for this layer's packed weight, at any batch size."""
+    return sorted(set(_route.get(signs, {}).values()))
+
+
 def _route_for(flat, signs, mask, in_features, activations) -> str:
     bucket = 1 << (flat.shape[0] - 1).bit_length()
     bits = lambda: bucket <= BITS_ROWS and _bits_kernel(flat, signs, mask, in_features) is not None  # noqa: E731

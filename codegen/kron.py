@@ -85,7 +85,8 @@ def kron_linear_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: O
     flat = x.reshape(-1, n1 * n2)
     rows = flat.shape[0]
     if isinstance(rows, int) and rows == 1:
-        return ep.apply(_one_row(flat, a, b, bias).reshape(*x.shape[:-1], -1), steps, extras)
+        fused = bias is not None and bias.dtype == x.dtype  # else _finish adds it, promoting as elsewhere
+        return _finish(_one_row(flat, a, b, bias if fused else None), x, None if fused else bias, extras, steps)
     chunk = row_chunk(rows, r * m1 * n2) if isinstance(rows, int) else None
     if chunk is None:
         y = _rows(flat, a, b)
@@ -95,17 +96,15 @@ def kron_linear_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: O
 
 
 def _one_row(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """One row (batch-1 decoding): two plain GEMMs on the row as an n1 × n2 matrix, the bias added
-    by the second (addmm), with none of the batched path's broadcasting: at 4096×4096 with 64×64
-    factors, rank 1, 55 → 36 µs on the 2-core VM, where the dense layer takes 1.2-4 ms."""
+    """One row (batch-1 decoding) → (1, m1·m2): two plain GEMMs on the row as an n1 × n2 matrix, a
+    bias (of x's dtype) added by the second (addmm), with none of the batched path's broadcasting:
+    at 4096×4096 with 64×64 factors, rank 1, 55 → 36 µs on the 2-core VM (dense: 1.2-4 ms)."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     z = a.transpose(0, 1).reshape(m1 * r, n1) @ x.reshape(n1, n2)  # (i1, r, j2): a view for rank 1
     z, bt = z.reshape(m1, r * n2), b.permute(0, 2, 1).reshape(r * n2, m2)
-    if bias is not None and bias.dtype == z.dtype:
-        return torch.addmm(bias.reshape(m1, m2), z, bt)
-    y = z @ bt
-    return y if bias is None else y + bias.reshape(m1, m2)  # mixed dtypes: promotion as before
+    y = z @ bt if bias is None else torch.addmm(bias.reshape(m1, m2), z, bt)
+    return y.reshape(1, m1 * m2)
 
 
 def _finish(y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], extras: list[torch.Tensor],
