@@ -14,7 +14,7 @@ from torch import nn
 
 import fxopt
 from fxopt import rules
-from fxopt.codegen import binary_cpu, registry
+from fxopt.codegen import binary_cpu, native, registry
 from fxopt.codegen import epilogue as ep
 from fxopt.codegen.binary import binary_linear, binary_linear_reference
 from fxopt.substitutes.binary import BinaryLinear, PackedBinaryLinear
@@ -42,13 +42,22 @@ def rounding(p: PackedBinaryLinear, x: torch.Tensor) -> torch.Tensor:
     return 8 * EPS * mags
 
 
+def without_native(monkeypatch) -> None:
+    """The bits route by Inductor's compiled loop, as where the AVX-512 kernel cannot run."""
+    monkeypatch.setattr(native, "bits_product", lambda: None)
+
+
 @pytest.mark.parametrize("route, m", [(r, m) for r in binary_cpu.ROUTES for m in BATCHES
-                                      if r != "bits" or m <= binary_cpu.BITS_ROWS])
+                                      if r != "bits" or m <= binary_cpu.BITS_ROWS]
+                         + [("bits-inductor", m) for m in (1, 3, binary_cpu.BITS_ROWS)])
 @pytest.mark.parametrize("n,k,ternary", [(37, 45, False), (64, 96, True), (300, 513, False), (33, 700, True)])
-def test_exact_path_is_within_its_bound_at_every_batch_size(route, m, n, k, ternary):
+def test_exact_path_is_within_its_bound_at_every_batch_size(route, m, n, k, ternary, monkeypatch):
     """Every route the timed choice may take, at every batch size it may take it for: `bits` up to
-    BITS_ROWS rows (K's tail in a part-filled word), the int8 GEMM stacked and one plane after
-    another, the fp32 copy."""
+    BITS_ROWS rows (K's tail in a part-filled word; the AVX-512 kernel where it runs, and Inductor's
+    loop), the int8 GEMM stacked and one plane after another, the fp32 copy."""
+    if route == "bits-inductor":
+        route = "bits"
+        without_native(monkeypatch)
     p = packed(n, k, ternary, seed=m + n)
     x = torch.randn(m, k) * 3
     x[0, :5] = 0  # zeros and a large outlier in a row
@@ -83,7 +92,8 @@ def test_inputs_that_are_not_finite_give_what_the_dense_layer_gives(route, m, te
     torch.testing.assert_close(y[0], p(x[:1])[0])  # the finite rows as without the others
 
 
-def test_the_bits_route_is_compiled_once_per_shape_and_runs_inside_torch_compile():
+def test_the_bits_route_is_compiled_once_per_shape_and_runs_inside_torch_compile(monkeypatch):
+    without_native(monkeypatch)
     p = packed(70, 100, ternary=True, seed=8)
     x = torch.randn(2, 100)
     with binary_cpu.forced_route("bits"):
@@ -103,6 +113,62 @@ def test_the_bits_route_is_compiled_once_per_shape_and_runs_inside_torch_compile
     b = packed(70, 100, seed=8)
     torch.testing.assert_close(binary_cpu.bits_product(F.pad(x, (0, 28)), b.signs, 1),
                                x @ (b.dense_weight() / b.scale[:, None]).t(), rtol=1e-5, atol=1e-5)
+
+
+needs_native = pytest.mark.skipif(native.bits_product() is None, reason="no AVX-512 or no C compiler here")
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 2, 5, native.MAX_ROWS])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 45), (70, 100), (64, 4 * 32 + 7), (129, 1000)])
+@pytest.mark.parametrize("ternary", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_avx512_kernel_is_the_papers_sum_of_signed_inputs(m, n, k, ternary, threads):
+    """Binary x·Wᵀ = 2·Σ_{bit set} x − Σ x, ternary Σ_{mask ∧ sign} x − Σ_{mask ∧ ¬sign} x, read
+    from the packed words: against float64 at every row count a call takes, words in groups of four
+    and a remainder, K's tail in a part-filled word, one and two threads."""
+    p = packed(n, k, ternary, seed=m + n + k)
+    x = torch.randn(m, k) * 2
+    kernel, width = binary_cpu._bits_kernel(x, p.signs, p.mask, k)
+    assert width == p.signs.shape[1] * 32
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel(F.pad(x, (0, width - k)))
+    finally:
+        torch.set_num_threads(before)
+    want = x.double() @ (p.dense_weight().double() / p.scale.double()[:, None]).t()
+    bound = 4 * EPS * x.abs().double().sum(-1, keepdim=True) + 1e-30
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def test_the_native_kernel_is_built_once_into_its_cache_and_missing_compilers_fall_back(tmp_path, monkeypatch):
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path))
+    source = tmp_path / "k.c"
+    source.write_text("int fxopt_answer(void) { return 42; }\n")
+    built = native.build(source, ["-O2", "-shared", "-fPIC"])
+    assert built.parent == tmp_path and sorted(p.name for p in tmp_path.iterdir()) == sorted(["k.c", built.name])
+    stamp = built.stat().st_mtime_ns
+    assert native.build(source, ["-O2", "-shared", "-fPIC"]) == built and built.stat().st_mtime_ns == stamp
+    import ctypes
+    assert ctypes.CDLL(str(built)).fxopt_answer() == 42
+    source.write_text("this is not C\n")  # a failed build leaves nothing behind and raises
+    with pytest.raises(Exception) as info:
+        native.build(source, ["-O2", "-shared", "-fPIC"])
+    assert isinstance(info.value, (OSError, native.subprocess.SubprocessError))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["k.c", built.name])
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.bits_product.cache_clear()
+    try:
+        assert native.bits_product() is None  # the layer then takes Inductor's loop
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("FXOPT_NATIVE", "0")
+        native.bits_product.cache_clear()
+        assert native.bits_product() is None
+    finally:
+        native.bits_product.cache_clear()
 
 
 def test_a_derived_form_is_kept_only_while_a_route_uses_it(monkeypatch):

@@ -27,7 +27,7 @@ def test_wheel_holds_only_the_fxopt_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"fxopt", f"{wheel.name.split('-py3')[0]}.dist-info"}
     for required in ("fxopt/console/cli.py", "fxopt/codegen/__init__.py", "fxopt/rulesets/kron.yaml",
-                     "fxopt/substitutes/kron.py", "fxopt/passes/substitute.py"):
+                     "fxopt/substitutes/kron.py", "fxopt/passes/substitute.py", "fxopt/codegen/bits_avx512.c"):
         assert required in names
     console = sorted(n for n in names if n.startswith("fxopt/console/"))
     assert console == ["fxopt/console/__init__.py", "fxopt/console/cli.py"]  # nothing else from the root

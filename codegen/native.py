@@ -1,0 +1,88 @@
+"""Native CPU kernels, built from their C source on first use and called through ctypes.
+
+`bits_product()` is the packed 1-bit / ternary product for a few rows (`bits_avx512.c`: each
+16-bit half of a packed word is an AVX-512 lane mask as it stands, so 16 weights cost one masked
+add). It exists only where the CPU has AVX-512 (as torch detects it) and a C compiler with OpenMP
+is found ($CC, else gcc, cc, clang); elsewhere it is None and codegen/binary_cpu.py compiles its
+loop with Inductor instead. $FXOPT_NATIVE=0 turns it off.
+
+The shared object is built once per source and compiler into $FXOPT_CACHE_DIR (default
+$XDG_CACHE_HOME/fxopt or ~/.cache/fxopt; the system's temporary folder where that cannot be made),
+written under a temporary name and renamed, so processes building it at once never load half a
+file. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("bits_avx512.c")
+FLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 64  # rows per call of the bits product (its row sums sit on the stack)
+
+log = logging.getLogger(__name__)
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CC") or next(filter(None, map(shutil.which, ("gcc", "cc", "clang"))), None)
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("FXOPT_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fxopt"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"fxopt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def build(source: Path, flags: list[str]) -> Path:
+    """The shared object of `source` built with `flags` (cached by content, compiler and flags).
+    Raises OSError or subprocess.SubprocessError where it cannot be built."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found ($CC, gcc, cc, clang)")
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{key}.so"
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, str(source), "-o", tmp], check=True, capture_output=True, timeout=300)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def bits_product() -> Optional[Callable[..., None]]:
+    """The C function `fxopt_bits_product(x, signs, mask, out, m, n, words, threads)` (raw
+    pointers; see bits_avx512.c), or None where it cannot run here."""
+    if os.environ.get("FXOPT_NATIVE", "1") == "0" or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        fn = ctypes.CDLL(str(build(SOURCE, FLAGS))).fxopt_bits_product
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("fxopt: the AVX-512 bits kernel could not be built (%s%s); using Inductor's loop", e,
+                    f": {detail.decode(errors='replace').strip()[:300]}" if detail else "")
+        return None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.restype = None
+    return fn
