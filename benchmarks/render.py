@@ -389,7 +389,8 @@ def binary_cpu(r: dict) -> list[str]:
 def layerwise_distributed(r: dict) -> list[str]:
     one, two = r["configs"]
     distill = r.get("distill_steps")
-    lines = ["## Layer-wise training and distillation across processes (CPU)", "", machine(r), "",
+    lines = [f"## Layer-wise training and distillation across processes (CPU: {r['machine']['cpu']})", "", machine(r), ""
+             ] + ([r["note"], ""] if "note" in r else []) + [
              f"`benchmarks/layerwise_distributed.py`: `fxopt optimize MODEL --rules {r['rules']} --layerwise-steps "
              f"{r['steps']}" + (f" --distill-steps {distill}" if distill else "") + " --no-time-sites`, "
              f"{one} against `--nproc 2` ({two}, under torchrun), run alternately; medians. The stages as "
@@ -448,7 +449,8 @@ def main() -> None:
              ("examples_cpu.json", examples),
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
-    files += [("layerwise_distributed_cpu.json", layerwise_distributed)]
+    files += [("layerwise_distributed_cpu.json", layerwise_distributed),
+              ("layerwise_distributed_epyc_cpu.json", layerwise_distributed)]
     files += [("binary_cpu.json", binary_cpu), ("binary_cpu_xeon.json", binary_cpu), ("binary_digits_cpu.json", binary_digits),
               ("budget_digits_cpu.json", budget_digits)]
     files += [(f"rescale_cnn_{name}cpu.json", rescale_cnn)  # the five-seed runs first
