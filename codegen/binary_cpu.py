@@ -317,12 +317,6 @@ def _via_dense(flat, signs, mask, in_features, activations) -> torch.Tensor:
     return torch.nn.functional.linear(x, _dense_weight(signs, mask, in_features))
 
 
-def _bit_words(signs, mask, in_features) -> tuple[torch.Tensor, int]:
-    """What the bits route reads, and its field width: the sign bits themselves, or for ternary
-    its 2-bit codes."""
-    return (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)
-
-
 def _bits_kernel(flat, signs, mask, in_features) -> Optional[tuple[Callable[[torch.Tensor], torch.Tensor], int]]:
     """How the bits route computes x·Wᵀ for rows like `flat`: (a function of x zero-padded to
     `width` columns, width), by the AVX-512 kernel where it runs, else by Inductor's loop; None
@@ -331,7 +325,7 @@ def _bits_kernel(flat, signs, mask, in_features) -> Optional[tuple[Callable[[tor
     if native_product is not None:
         plus, minus = (signs.contiguous(), None) if mask is None else _signed(signs, mask, in_features)
         return functools.partial(_native, native_product, plus, minus), signs.shape[1] * WORD
-    words, bits = _bit_words(signs, mask, in_features)
+    words, bits = (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)  # Inductor's: 2-bit codes
     kernel = _kernel(flat, words, bits)
     return None if kernel is None else (lambda x: kernel(x, words), words.shape[1] * (WORD // bits))
 

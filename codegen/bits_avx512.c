@@ -16,15 +16,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-static inline float row_sum(const float *x, int64_t k) {
+/* Σ x over a padded row of `words` · 32 floats. */
+static inline float row_sum(const float *x, int64_t words) {
     __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
+    for (int64_t i = 0; i < 32 * words; i += 32) {
         a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
         b = _mm512_add_ps(b, _mm512_loadu_ps(x + i + 16));
     }
-    for (; i < k; i += 16)  /* k is a multiple of 32: never reached, kept for safety */
-        a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
     return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
@@ -77,7 +75,7 @@ void fxopt_bits_product(const float *x, const int32_t *plus, const int32_t *minu
     int binary = minus == 0;
     if (binary)
         for (int64_t r = 0; r < m; r++)
-            sums[r] = row_sum(x + r * 32 * words, 32 * words);
+            sums[r] = row_sum(x + r * 32 * words, words);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < n; o++) {
         const int32_t *po = plus + o * words;

@@ -72,8 +72,8 @@ def build(source: Path, flags: list[str]) -> Path:
 
 @functools.cache
 def bits_product() -> Optional[Callable[..., None]]:
-    """The C function `fxopt_bits_product(x, signs, mask, out, m, n, words, threads)` (raw
-    pointers; see bits_avx512.c), or None where it cannot run here."""
+    """The C function `fxopt_bits_product(x, plus, minus, out, m, n, words, threads)` (raw
+    pointers; minus NULL for binary; see bits_avx512.c), or None where it cannot run here."""
     if os.environ.get("FXOPT_NATIVE", "1") == "0" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
     try:
