@@ -306,17 +306,29 @@ from fxopt.codegen import kron as kron_codegen  # noqa: E402
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 37, 64])  # chunks of 8 rows: one pass, tails, exact multiples
 @pytest.mark.parametrize("chain", [[], [["gelu"], ["add", 0]]], ids=["plain", "epilogue"])
-def test_cpu_path_in_chunks_matches_the_reference(monkeypatch, rows, chain):
+@pytest.mark.parametrize("bias_kind", ["same", "none", "float64"])
+@pytest.mark.parametrize("recorded", [True, False], ids=["autograd", "no_grad"])
+def test_cpu_path_in_chunks_matches_the_reference(monkeypatch, rows, chain, bias_kind, recorded):
+    # recorded by autograd: chunks concatenated; under no_grad: chunks written into one output (out=)
     a, b, bias = _factors(3, 4, 5, 6, 7, seed=rows, device="cpu")
+    bias = {"same": bias, "none": None, "float64": bias.double()}[bias_kind]
     per_row = 3 * 4 * 7  # R·m1·n2
     monkeypatch.setattr(kron_codegen, "CHUNK_ABOVE", 16 * per_row)
     monkeypatch.setattr(kron_codegen, "CHUNK_TARGET", 8 * per_row)
-    x = torch.randn(rows, 42, requires_grad=True)
+    into_one = []
+    real = kron_codegen._rows_into_one_output
+    monkeypatch.setattr(kron_codegen, "_rows_into_one_output", lambda *args: into_one.append(1) or real(*args))
+    x = torch.randn(rows, 42, requires_grad=recorded)
     extras = [torch.randn(rows, 20)][:ep.extras_used(ep.check(chain))]
     assert kron_codegen.row_chunk(rows, per_row) == (None if rows <= 16 else 8)
-    out = kron_codegen.kron_linear_torch(x, a, b, bias, extras, ep.check(chain))
+    with torch.set_grad_enabled(recorded):
+        out = kron_codegen.kron_linear_torch(x, a, b, bias, extras, ep.check(chain))
+    assert bool(into_one) == (not recorded and rows > 16)
     ref = kron_linear_reference(x, a, b, bias, extras, ep.check(chain))
+    assert out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if not recorded:
+        return
     (g,) = torch.autograd.grad(out.sum(), x)
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
