@@ -3,9 +3,10 @@
 For each layer size and batch, side by side in one process (interleaved rounds, medians): dense
 eager and dense under torch.compile; the packed layer as `fxopt optimize` saves it, with exact
 activations (the default) and with `activations: int8`, each eager and compiled, binary and
-ternary (each with the route its timed choice took: `bits`, the loop over the packed words
-for a few rows, by the AVX-512 kernel where it runs, else Inductor's; the int8 GEMM; or the fp32 copy); and the torch reference that unpacks every weight at every call (what ran on a CPU
-before the CPU path, `FXOPT_BACKEND=torch`). Ratios are dense time / packed time, best against
+ternary (each with the route its timed choice took: `bits`, the loop over the packed words,
+by the AVX-512 kernel where it runs, else Inductor's for a few rows; the int8 GEMM; or the fp32
+copy); and the torch reference that unpacks every weight at every call (what ran on a CPU before
+the CPU path, `FXOPT_BACKEND=torch`). Ratios are dense time / packed time, best against
 best (the faster of eager and compiled on each side): > 1 means faster.
 
     python benchmarks/binary_cpu.py --out benchmarks/results/binary_cpu.json
@@ -80,7 +81,7 @@ def main() -> None:
             rows.append(row)
             print(f"{n_out}×{n_in} batch {batch}: " + " · ".join(
                 f"{k} {row[k]:.2f}×" for k in (*FORMS, "reference") if k in row), flush=True)
-    bits_kernel = "avx512" if native.bits_product() is not None else "inductor"  # how the bits route ran
+    bits_kernel = "avx512-lut" if native.bits_product() is not None else "inductor"  # how the bits route ran
     write_json(args.out, info | {"forms": FORMS, "bits_kernel": bits_kernel, "rows": rows})
 
 

@@ -364,9 +364,11 @@ def binary_cpu(r: dict) -> list[str]:
              "against `nn.Linear` in fp32, best against best (the faster of eager and `torch.compile` on each side), "
              "> 1 meaning faster. **exact**: the default (within fp32 rounding of the dense layer). **int8**: "
              "`activations: int8` (each input row quantized to int8). In brackets, the route the layer's timed "
-             "choice took: **bits** (a loop over the packed words, fp32, up to 8 rows"
-             + {"avx512": ": here the AVX-512 kernel, one masked add per 16 weights",
-                "inductor": ": here Inductor's compiled loop"}.get(r.get("bits_kernel"), "") + "), **int8** (oneDNN's "
+             "choice took: **bits** (a loop over the packed words, fp32"
+             + {"avx512-lut": ": here the AVX-512 kernel, table lookups, one permute per 64 weights, at any batch size",
+                "avx512": ", up to 8 rows: here the AVX-512 kernel, one masked add per 16 weights",
+                "inductor": ", up to 8 rows: here Inductor's compiled loop"}.get(r.get("bits_kernel"), ", up to 8 rows")
+             + "), **int8** (oneDNN's "
              "int8 GEMM; exact activations as three int8 planes whose integer products are exact), **fp32** (an fp32 "
              "copy of the ±1 weight). **reference**: the torch reference that unpacks every weight at every call (what "
              "a CPU ran before). Dense times in µs.", "",

@@ -235,17 +235,20 @@ def _checked_steps(epilogue: str, extras: list[torch.Tensor], activations: str) 
 
 
 def _eager_inference_on_cpu(x: torch.Tensor, extras: list[torch.Tensor]) -> bool:
-    return (x.device.type == "cpu" and _eager_inference([x, *extras])
+    return (x.is_cpu and _eager_inference([x, *extras] if extras else [x])
             and pick(x, None, None, binary_linear_cpu if available() else None) is binary_linear_cpu)
 
 
 def _eager_inference(tensors: list[torch.Tensor]) -> bool:
-    """Plain tensors, run eagerly, nothing recording them or needing their gradient."""
-    return (all(type(t) is torch.Tensor for t in tensors)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _get_current_dispatch_mode() is None
-            and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+    """Plain tensors, run eagerly, nothing recording them or needing their gradient. (A plain loop:
+    this runs before every packed layer's call, where generators cost a few µs.)"""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False  # first: Dynamo cannot trace the functorch query below
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+    return True
 
 
 @binary_linear.register_fake

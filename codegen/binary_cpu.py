@@ -1,24 +1,27 @@
-"""The CPU path of `fxopt::binary_linear`: for a few rows, a loop over the packed words
-themselves; for more, ±1 (or −1/0/+1) weights as a prepacked int8 matrix, the activations as int8
-planes (passed as uint8 with zero point 128), one integer GEMM (oneDNN; AMX or VNNI where the CPU
-has them).
+"""The CPU path of `fxopt::binary_linear`: a loop over the packed words themselves, or ±1 (or
+−1/0/+1) weights as a prepacked int8 matrix, the activations as int8 planes (passed as uint8 with
+zero point 128), one integer GEMM (oneDNN; AMX or VNNI where the CPU has them), whichever is
+faster for the weight and batch size.
 
-Few rows (`bits`, up to BITS_ROWS rows): reading fp32 weights is what a dense layer at batch 1
-waits on, and the packed words are 1/32 of those bytes. The loop computes x·Wᵀ = 2·Σ bit·x − Σ x
-in fp32 with no quantization: what the reference computes up to float summation order. Two
-implementations, the first that runs here:
+`bits`: reading fp32 weights is what a dense layer at small batches waits on, and the packed words
+are 1/32 of those bytes. The loop computes x·Wᵀ in fp32 with no quantization: what the reference
+computes up to float summation order. Two implementations, the first that runs here:
 
-* AVX-512 (`codegen/native.py`, `bits_avx512.c`): each 16-bit half of a word is a lane mask as it
-  stands, so 16 weights cost one masked add of x (4096 × 4096 at batch 1: ~0.3 ms on 2 cores,
-  dense fp32 ~4 ms). Ternary reads two planes made once from its sign and mask planes (+1s and
-  −1s, the same 2 bits per weight): a masked add and a masked subtract.
-* Elsewhere, an Inductor-compiled kernel (generated C++, SIMD) that walks each output's words,
-  turns bit j into 0/1 in registers and sums bit·x; ternary reads a 2-bit form made once (W + 1
-  in 2-bit fields) and sums (W + 1)·x − x. Compiled once per shape (rows, words, field width,
-  threads) through `torch._inductor.compile` on a `make_fx` graph, without Dynamo, so it runs the
-  same inside a caller's `torch.compile` and never meets a recompile limit.
-
-Their cost grows with the rows (every row re-reads the words), so larger batches take the GEMM.
+* AVX-512 (`codegen/native.py`, `bits_avx512.c`), at any batch size: table lookups (as T-MAC does
+  for low-bit weights, here in fp32). For each group of 4 columns a row has 16 subset sums, one
+  register; the weights of 16 outputs are 16 4-bit indices, and one permute looks them all up, so
+  64 weights cost one permute and one add (binary: 2·Σ_{bit set} x − Σ x; ternary: the lookups of
+  its +1 plane minus those of its −1 plane, made once from the sign and mask planes, the same 2
+  bits per weight). The kernel reads the bits regrouped once per weight (`lut_layout`, the same
+  size) and finishes each output itself (·α + b, and flags rows whose sum is not finite). 4096 ×
+  4096 at batch 1: ~0.14 ms on 2 cores, dense fp32 ~3.5 ms; it stays ahead of the int8 GEMM to
+  64 rows and more.
+* Elsewhere, up to BITS_ROWS rows: an Inductor-compiled kernel (generated C++, SIMD) that walks
+  each output's words, turns bit j into 0/1 in registers and sums 2·Σ bit·x − Σ x; ternary reads
+  a 2-bit form made once (W + 1 in 2-bit fields) and sums (W + 1)·x − x. Compiled once per shape
+  (rows, words, field width, threads) through `torch._inductor.compile` on a `make_fx` graph,
+  without Dynamo, so it runs the same inside a caller's `torch.compile` and never meets a
+  recompile limit. Its cost grows with the rows, so larger batches take the GEMM.
 
 The packed bits stay what the layer holds and what is saved. On the first call with a given
 `signs` tensor (and again only if it changes in place) they are unpacked once to int8 and handed
@@ -40,12 +43,12 @@ Activations (per row of x; s = a power of two with max|x| / s in (63.5, 127], so
 
 Choosing: for each weight and batch-size bucket (powers of two) the first call times the routes
 on its own input (interleaved rounds, each route's fastest run) and keeps the fastest: `bits`
-(buckets up to BITS_ROWS), the int8 GEMM (where `int8_gemm_pays` on this CPU), or `F.linear` on an
+(the AVX-512 kernel at any bucket; Inductor's up to BITS_ROWS), the int8 GEMM (where `int8_gemm_pays` on this CPU), or `F.linear` on an
 fp32 copy of the ±1 weight unpacked once (small layers, whose weights sit in cache and where the
 int8 route's fixed costs of splitting and combining dominate). With `int8`
 activations every route computes on the quantized rows, which keeps the numbers of that setting.
-A derived form (the int8 matrix, ¼ of fp32; the fp32 copy) is kept only while some bucket's route
-uses it; the saved file holds 1 bit per weight either way. `forced_route` pins one route (tests,
+A derived form (the int8 matrix, ¼ of fp32; the fp32 copy; the regrouped bits) is kept only while
+some bucket's route uses it; the saved file holds 1 bit per weight either way. `forced_route` pins one route (tests,
 benchmarks).
 
 Only where oneDNN's quantized linear is present (x86 builds of torch); elsewhere the reference runs.
@@ -74,7 +77,7 @@ ACTIVATIONS = ("exact", "int8")
 PLANES = {"exact": 3, "int8": 1}
 STEP = 254.0  # each plane refines the one before by this factor (residual ≤ ½ → ≤ 127)
 STACK_ROWS = 64  # up to this many rows, the planes of a batch go through one GEMM stacked as rows
-BITS_ROWS = 8  # up to this many rows (bucket), the compiled loop over the packed words is a candidate
+BITS_ROWS = 8  # up to this many rows (bucket), Inductor's loop over the packed words is a candidate
 ROUTES = ("bits", "int8", "dense")
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,7 @@ _prepacked = WeakIdKeyDictionary()  # signs → (state key, prepacked int8 weigh
 _dense = WeakIdKeyDictionary()  # signs → (state key, fp32 ±1 weight), where some bucket chose it
 _route = WeakIdKeyDictionary()  # signs → {(state key, activations, bucket): one of ROUTES}
 _ternary = WeakIdKeyDictionary()  # signs → (state key, 2-bit codes), for the bits route's Inductor loop
-_plus_minus = WeakIdKeyDictionary()  # signs → (state key, (mask ∧ sign, mask ∧ ¬sign)), for its AVX-512 kernel
+_lut = WeakIdKeyDictionary()  # signs → (state key, the AVX-512 kernel bound to its `lut_layout`s)
 _kernels: dict[tuple, Optional[Callable]] = {}  # (rows, out, words, bits, threads) → compiled (None: failed)
 _forced: list[str] = []
 
@@ -233,28 +236,38 @@ def binary_linear_cpu(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor,
                       steps: ep.Steps, activations: str) -> torch.Tensor:
     """See the module docstring."""
     n = signs.shape[0]
-    flat = x.reshape(-1, in_features).float()
-    m = flat.shape[0]
-    if m == 0:
+    flat = (x if x.dim() == 2 else x.reshape(-1, in_features)).float()  # reshape and to() cost ~1 µs even as no-ops
+    if flat.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
-    route = _route_for(flat, signs, mask, in_features, activations)
-    acc = RUNS[route](flat, signs, mask, in_features, activations)
-    if (route != "dense" or activations != "exact") and not math.isfinite(flat.sum().item()):  # 2 µs at 1 × 4096
-        _non_finite_rows(acc, flat, signs, mask, in_features)
-    y = acc.mul_(scale.float()) if bias is None else torch.addcmul(bias.float(), acc, scale.float())
-    return ep.apply(y.to(x.dtype).reshape(*x.shape[:-1], n), steps, extras)
+    scale, bias = scale.float(), None if bias is None else bias.float()
+    route = _route_for(flat, signs, mask, in_features, activations, scale, bias)
+    y, suspect = RUNS[route](flat, signs, mask, in_features, activations, scale, bias)
+    if suspect:
+        _non_finite_rows(y, flat, signs, mask, in_features, scale, bias)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return ep.apply(y if x.dim() == 2 else y.reshape(*x.shape[:-1], n), steps, extras)
 
 
-def _non_finite_rows(acc: torch.Tensor, flat: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor],
-                     in_features: int) -> None:
-    """In place: the rows of `acc` whose input holds an inf or a NaN, as an fp32 GEMM computes them.
+def _scaled(acc: torch.Tensor, flat: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+            check: bool) -> tuple[torch.Tensor, bool]:
+    """What a route returns: (x·Wᵀ)⊙α + b from its unscaled products (in place where there is no
+    bias), and whether some row of x may not be finite (`check`: the route's numbers for such a
+    row differ from a dense layer's; 2 µs at 1 × 4096)."""
+    suspect = check and not math.isfinite(flat.sum().item())
+    return (acc.mul_(scale) if bias is None else torch.addcmul(bias, acc, scale)), suspect
+
+
+def _non_finite_rows(y: torch.Tensor, flat: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor],
+                     in_features: int, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """In place: the rows of `y` whose input holds an inf or a NaN, as an fp32 GEMM computes them.
     The planes of such a row are not defined (its scale is not finite; `int8` activations quantize
     it likewise) and the bits loop's 2·Σ bit·x − Σ x turns ±inf into NaN, so each would return
     numbers a dense layer does not: finite ones, or the wrong sign. Rare enough to unpack the
     weight for."""
     bad = ~torch.isfinite(flat).all(-1)
     if bad.any():  # else only a finite row's sum overflowed
-        acc[bad] = F.linear(flat[bad], unpack_weight(signs, mask, in_features, torch.float32))
+        acc = F.linear(flat[bad], unpack_weight(signs, mask, in_features, torch.float32))
+        y[bad] = acc * scale if bias is None else torch.addcmul(bias, acc, scale)
 
 
 @contextlib.contextmanager
@@ -275,9 +288,10 @@ def chosen_routes(signs: torch.Tensor) -> list[str]:
     return sorted(set(_route.get(signs, {}).values()))
 
 
-def _route_for(flat, signs, mask, in_features, activations) -> str:
+def _route_for(flat, signs, mask, in_features, activations, scale, bias) -> str:
     bucket = 1 << (flat.shape[0] - 1).bit_length()
-    bits = lambda: bucket <= BITS_ROWS and _bits_kernel(flat, signs, mask, in_features) is not None  # noqa: E731
+    bits = lambda: ((bucket <= BITS_ROWS or native.bits_product() is not None)  # noqa: E731
+                    and _bits_kernel(flat, signs, mask, in_features) is not None)
     if _forced:
         return "int8" if _forced[-1] == "bits" and not bits() else _forced[-1]
     state = planes_state(signs, mask, in_features)
@@ -286,16 +300,16 @@ def _route_for(flat, signs, mask, in_features, activations) -> str:
     if key not in routes:
         routes = _route[signs] = {k: r for k, r in routes.items() if k[0] == state}  # planes changed: choose anew
         candidates = [r for r in ROUTES if (r != "bits" or bits()) and (r != "int8" or int8_gemm_pays())]
-        routes[key] = _fastest(candidates, flat, signs, mask, in_features, activations)
+        routes[key] = _fastest(candidates, flat, signs, mask, in_features, activations, scale, bias)
         used = set(routes.values())
-        for table, route in ((_dense, "dense"), (_prepacked, "int8"), (_ternary, "bits"), (_plus_minus, "bits")):
+        for table, route in ((_dense, "dense"), (_prepacked, "int8"), (_ternary, "bits"), (_lut, "bits")):
             if route not in used:
                 table.pop(signs, None)
     return routes[key]
 
 
-def _via_int8(flat, signs, mask, in_features, activations) -> torch.Tensor:
-    """x·Wᵀ (unscaled) by the int8 GEMM on the activation planes."""
+def _via_int8(flat, signs, mask, in_features, activations, scale, bias) -> tuple[torch.Tensor, bool]:
+    """(x·Wᵀ)⊙α + b by the int8 GEMM on the activation planes (`_scaled`)."""
     w = _weight(signs, mask, in_features)
     count = PLANES[activations]
     us, s = unsigned_planes(flat, count)
@@ -308,49 +322,77 @@ def _via_int8(flat, signs, mask, in_features, activations) -> torch.Tensor:
         acc = _gemm(us[0], w)
         for i in range(1, count):
             acc = acc.add_(_gemm(us[i], w), alpha=STEP ** -i)
-    return acc.mul_(s)
+    return _scaled(acc.mul_(s), flat, scale, bias, check=True)
 
 
-def _via_dense(flat, signs, mask, in_features, activations) -> torch.Tensor:
-    """x·Wᵀ (unscaled) by an fp32 GEMM on the ±1 weight unpacked once (int8: on the quantized x)."""
+def _via_dense(flat, signs, mask, in_features, activations, scale, bias) -> tuple[torch.Tensor, bool]:
+    """(x·Wᵀ)⊙α + b by an fp32 GEMM on the ±1 weight unpacked once (int8: on the quantized x)."""
     x = flat if activations == "exact" else fake_quantize(flat)
-    return torch.nn.functional.linear(x, _dense_weight(signs, mask, in_features))
+    acc = F.linear(x, _dense_weight(signs, mask, in_features))
+    return _scaled(acc, flat, scale, bias, check=activations != "exact")
 
 
-def _bits_kernel(flat, signs, mask, in_features) -> Optional[tuple[Callable[[torch.Tensor], torch.Tensor], int]]:
-    """How the bits route computes x·Wᵀ for rows like `flat`: (a function of x zero-padded to
-    `width` columns, width), by the AVX-512 kernel where it runs, else by Inductor's loop; None
-    where neither can."""
-    native_product = native.bits_product() if flat.shape[0] <= native.MAX_ROWS else None
+def _bits_kernel(flat, signs, mask, in_features) -> Optional[tuple[Callable[..., tuple[torch.Tensor, bool]], int]]:
+    """How the bits route computes rows like `flat`: (kernel, width), where kernel(x, flat, scale,
+    bias) takes x zero-padded to `width` columns and returns what a route returns (`_scaled`):
+    the AVX-512 kernel where it runs (scale and bias None: the bare x·Wᵀ), which finishes each
+    output itself, else Inductor's loop; None where neither can run."""
+    native_product = native.bits_product()
     if native_product is not None:
-        plus, minus = (signs.contiguous(), None) if mask is None else _signed(signs, mask, in_features)
-        return functools.partial(_native, native_product, plus, minus), signs.shape[1] * WORD
+        return _native_kernel(native_product, signs, mask, in_features), signs.shape[1] * WORD
     words, bits = (signs, 1) if mask is None else (_codes(signs, mask, in_features), 2)  # Inductor's: 2-bit codes
     kernel = _kernel(flat, words, bits)
-    return None if kernel is None else (lambda x: kernel(x, words), words.shape[1] * (WORD // bits))
+    if kernel is None:
+        return None
+    return (lambda x, flat, scale, bias: _scaled(kernel(x, words), flat, scale, bias, check=True),
+            words.shape[1] * (WORD // bits))
 
 
-def _native(product: Callable[..., None], plus: torch.Tensor, minus: Optional[torch.Tensor], x: torch.Tensor
-            ) -> torch.Tensor:
-    out = x.new_empty(x.shape[0], plus.shape[0])
-    product(x.data_ptr(), plus.data_ptr(), None if minus is None else minus.data_ptr(), out.data_ptr(),
-            x.shape[0], plus.shape[0], plus.shape[1], torch.get_num_threads())
-    return out
+def _native_kernel(product: Callable[..., int], signs: torch.Tensor, mask: Optional[torch.Tensor], in_features: int
+                   ) -> Callable[..., tuple[torch.Tensor, bool]]:
+    """The AVX-512 kernel bound to this weight's layouts (`lut_layout`; ternary: mask ∧ sign, the
+    +1s, and mask ∧ ¬sign, the −1s, the same 2 bits per weight), made once and kept: each call
+    then costs one ctypes call and the output's allocation (1024 × 1024 at batch 1: the kernel
+    ~9 µs, the layer ~37 µs on the 2-core EPYC VM)."""
+    def make():
+        plus = lut_layout(signs if mask is None else mask & signs)
+        minus = None if mask is None else lut_layout(mask & ~signs)
+        n, words = signs.shape
+        pointers = plus.data_ptr(), None if minus is None else minus.data_ptr()
+
+        def run(x, flat, scale, bias):
+            # x contiguous (`_via_bits`); scale, bias made so and held until the call returns
+            out = x.new_empty(x.shape[0], n)
+            scale = None if scale is None else scale.contiguous()
+            bias = None if bias is None else bias.contiguous()
+            suspect = product(x.data_ptr(), *pointers, None if scale is None else scale.data_ptr(),
+                              None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], n, words,
+                              torch.get_num_threads())
+            if suspect < 0:
+                raise MemoryError(f"fxopt: the AVX-512 bits kernel could not allocate {x.shape[0]} row sums")
+            return out, bool(suspect)
+
+        run.layouts = plus, minus  # the kernel reads them through `pointers`: they live as long as `run`
+        return run
+
+    return kept(_lut, signs, planes_state(signs, mask, in_features), make)
 
 
-def _signed(signs, mask, in_features) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ternary weight's planes as the AVX-512 kernel reads them: mask ∧ sign (the +1s) and
-    mask ∧ ¬sign (the −1s), made once (the same 2 bits per weight)."""
-    return kept(_plus_minus, signs, planes_state(signs, mask, in_features),
-                lambda: ((mask & signs).contiguous(), (mask & ~signs).contiguous()))
+def lut_layout(words: torch.Tensor) -> torch.Tensor:
+    """Packed (N, W) int32 planes as the AVX-512 kernel reads them (bits_avx512.c): for each block of
+    16 outputs and each byte p of a row (columns 8p .. 8p + 7), the 16 outputs' bytes side by side,
+    (⌈N/16⌉, 4·W, 16) uint8; outputs past N are zero. The same bits, regrouped."""
+    rows = words.contiguous().view(torch.uint8)  # little-endian: byte p holds columns 8p .. 8p + 7
+    rows = F.pad(rows, (0, 0, 0, -rows.shape[0] % 16))
+    return rows.view(-1, 16, rows.shape[1]).transpose(1, 2).contiguous()
 
 
-def _via_bits(flat, signs, mask, in_features, activations) -> torch.Tensor:
-    """x·Wᵀ (unscaled) by a loop over the packed words (int8: on the quantized x)."""
+def _via_bits(flat, signs, mask, in_features, activations, scale, bias) -> tuple[torch.Tensor, bool]:
+    """(x·Wᵀ)⊙α + b by a loop over the packed words (int8: on the quantized x)."""
     x = flat if activations == "exact" else fake_quantize(flat)
     kernel, width = _bits_kernel(x, signs, mask, in_features)
     x = F.pad(x, (0, width - in_features)) if width != in_features else x.contiguous()  # the tail's weights are 0
-    return kernel(x)
+    return kernel(x, flat, scale, bias)
 
 
 RUNS = {"bits": _via_bits, "int8": _via_int8, "dense": _via_dense}
@@ -400,7 +442,7 @@ def _kernel(x: torch.Tensor, words: torch.Tensor, bits: int) -> Optional[Callabl
     return _kernels[key]
 
 
-def _fastest(candidates, flat, signs, mask, in_features, activations, reps: int = 3) -> str:
+def _fastest(candidates, flat, signs, mask, in_features, activations, scale, bias, reps: int = 3) -> str:
     """The fastest route on this input: each run once to warm up, then `reps` rounds that run every
     candidate in turn (9 where the calls are under 2 ms), each taking its fastest time: a burst of
     load on a shared machine then slows one run of each rather than every run of one (at 4096 ×
@@ -408,13 +450,13 @@ def _fastest(candidates, flat, signs, mask, in_features, activations, reps: int 
     the int8 GEMM on stacked planes ran 6.6×)."""
     runs = {name: RUNS[name] for name in candidates}
     for run in runs.values():  # first use: derived forms made, kernels compiled
-        run(flat, signs, mask, in_features, activations)
+        run(flat, signs, mask, in_features, activations, scale, bias)
     seconds = dict.fromkeys(runs, float("inf"))
     done, rounds = 0, reps
     while done < rounds:
         for name, run in runs.items():
             start = time.perf_counter()
-            run(flat, signs, mask, in_features, activations)
+            run(flat, signs, mask, in_features, activations, scale, bias)
             seconds[name] = min(seconds[name], time.perf_counter() - start)
         done += 1
         if done == 1 and max(seconds.values()) < 2e-3:

@@ -1,8 +1,7 @@
 """Native CPU kernels, built from their C source on first use and called through ctypes.
 
-`bits_product()` is the packed 1-bit / ternary product for a few rows (`bits_avx512.c`: each
-16-bit half of a packed word is an AVX-512 lane mask as it stands, so 16 weights cost one masked
-add). It exists only where the CPU has AVX-512 (as torch detects it) and a C compiler with OpenMP
+`bits_product()` is the packed 1-bit / ternary product (`bits_avx512.c`: table lookups, one
+AVX-512 permute per 64 weights, in fp32). It exists only where the CPU has AVX-512 (as torch detects it) and a C compiler with OpenMP
 is found ($CC, else gcc, cc, clang); elsewhere it is None and codegen/binary_cpu.py compiles its
 loop with Inductor instead. $FXOPT_NATIVE=0 turns it off.
 
@@ -29,7 +28,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("bits_avx512.c")
 FLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
-MAX_ROWS = 64  # rows per call of the bits product (its row sums sit on the stack)
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +69,11 @@ def build(source: Path, flags: list[str]) -> Path:
 
 
 @functools.cache
-def bits_product() -> Optional[Callable[..., None]]:
-    """The C function `fxopt_bits_product(x, plus, minus, out, m, n, words, threads)` (raw
-    pointers; minus NULL for binary; see bits_avx512.c), or None where it cannot run here."""
+def bits_product() -> Optional[Callable[..., int]]:
+    """The C function `fxopt_bits_product(x, plus, minus, scale, bias, out, m, n, words, threads)`
+    (raw pointers; minus NULL for binary, scale and bias NULL for the bare product; returns 1 where
+    a row's sum is not finite, -1 where it could not allocate; see bits_avx512.c), or None where it
+    cannot run here."""
     if os.environ.get("FXOPT_NATIVE", "1") == "0" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
     try:
@@ -83,6 +83,6 @@ def bits_product() -> Optional[Callable[..., None]]:
         log.warning("fxopt: the AVX-512 bits kernel could not be built (%s%s); using Inductor's loop", e,
                     f": {detail.decode(errors='replace').strip()[:300]}" if detail else "")
         return None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
     return fn

@@ -64,9 +64,10 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def wants_triton(x: torch.Tensor) -> bool:
-    """Should a kernel taking `x` run its Triton implementation?"""
-    name = backend()
+def wants_triton(x: torch.Tensor, name: str | None = None) -> bool:
+    """Should a kernel taking `x` run its Triton implementation (under backend `name`, default the
+    one in force)?"""
+    name = name or backend()
     if name == "torch":
         return False
     if name == "triton":
@@ -81,9 +82,10 @@ def wants_triton(x: torch.Tensor) -> bool:
 def pick(x: torch.Tensor, triton_impl, torch_impl, cpu_impl=None):
     """The implementation to run on `x`: `triton_impl` where the backend wants Triton; `cpu_impl`
     (if given) for a CPU tensor under `auto`; else `torch_impl`."""
-    if wants_triton(x):
+    name = backend()  # read once: these run on every kernel call
+    if wants_triton(x, name):
         return triton_impl
-    if cpu_impl is not None and x.device.type == "cpu" and backend() == "auto":
+    if cpu_impl is not None and name == "auto" and x.is_cpu:
         return cpu_impl
     return torch_impl
 

@@ -51,15 +51,12 @@ def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], -1)[:, :k].bool()
 
 
-# Bit i of byte b, least significant first. Built once; a per-dtype table is cut from it at each
-# call (2,048 elements). A cache of those tables would keep whatever tensors a tracer (Dynamo,
-# torch.export) handed it on the first call, so there is none.
-_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
-
-
 def _byte_table(zero: float, one: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 8): row b holds bit i of byte b as `one`/`zero`."""
-    return torch.where(_BYTE_BITS.to(device), one, zero).to(dtype)
+    """(256, 8): row b holds bit i of byte b (least significant first) as `one`/`zero`. Made at each
+    call from factory ops (2,048 elements): a module-level tensor, or a cache of tables, would hand
+    a tracer (Dynamo's backward under fake tensors, torch.export) a real tensor it cannot use."""
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    return torch.where(bits.bool(), one, zero).to(dtype)
 
 
 def _unpack_values(words: torch.Tensor, k: int, zero: float, one: float, dtype: torch.dtype) -> torch.Tensor:

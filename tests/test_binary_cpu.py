@@ -48,7 +48,7 @@ def without_native(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("route, m", [(r, m) for r in binary_cpu.ROUTES for m in BATCHES
-                                      if r != "bits" or m <= binary_cpu.BITS_ROWS]
+                                      if r != "bits" or m <= binary_cpu.BITS_ROWS or native.bits_product()]
                          + [("bits-inductor", m) for m in (1, 3, binary_cpu.BITS_ROWS)])
 @pytest.mark.parametrize("n,k,ternary", [(37, 45, False), (64, 96, True), (300, 513, False), (33, 700, True)])
 def test_exact_path_is_within_its_bound_at_every_batch_size(route, m, n, k, ternary, monkeypatch):
@@ -75,12 +75,15 @@ def test_exact_path_is_within_its_bound_at_every_batch_size(route, m, n, k, tern
     assert err <= 4 * (F.linear(x, p.dense_weight(), p.bias).double() - exact_reference(p, x)).abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("route, m", [("bits", 4), ("int8", 4), ("int8", 80), ("dense", 4)])
+@pytest.mark.parametrize("route, m", [("bits", 4), ("bits-inductor", 4), ("int8", 4), ("int8", 80), ("dense", 4)])
 @pytest.mark.parametrize("ternary", [False, True])
 @pytest.mark.parametrize("activations", ["exact", "int8"])
-def test_inputs_that_are_not_finite_give_what_the_dense_layer_gives(route, m, ternary, activations):
+def test_inputs_that_are_not_finite_give_what_the_dense_layer_gives(route, m, ternary, activations, monkeypatch):
     # an inf or a NaN has no int8 planes and turns the bits loop's ±inf into NaN: such rows must
     # come out as an fp32 layer computes them (±inf of the right sign, NaN), never finite numbers
+    if route == "bits-inductor":
+        route = "bits"
+        without_native(monkeypatch)
     p = packed(24, 40, ternary, seed=m, activations=activations)
     x = torch.randn(m, 40)
     x[1, 3], x[2, 5], x[3, 0] = float("inf"), float("-inf"), float("nan")
@@ -119,27 +122,37 @@ needs_native = pytest.mark.skipif(native.bits_product() is None, reason="no AVX-
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 2, 5, native.MAX_ROWS])
+@pytest.mark.parametrize("m", [1, 2, 5, 67])  # rows in groups of 4 and a tail; past 64, row sums on the heap
 @pytest.mark.parametrize("n,k", [(1, 32), (37, 45), (70, 100), (64, 4 * 32 + 7), (129, 1000)])
 @pytest.mark.parametrize("ternary", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_avx512_kernel_is_the_papers_sum_of_signed_inputs(m, n, k, ternary, threads):
     """Binary x·Wᵀ = 2·Σ_{bit set} x − Σ x, ternary Σ_{mask ∧ sign} x − Σ_{mask ∧ ¬sign} x, read
     from the packed words: against float64 at every row count a call takes, words in groups of four
-    and a remainder, K's tail in a part-filled word, one and two threads."""
+    and a remainder, K's tail in a part-filled word, one and two threads; bare, and finished in the
+    kernel as (x·Wᵀ)⊙α + b, with or without a bias; a row holding an inf or a NaN is reported."""
     p = packed(n, k, ternary, seed=m + n + k)
     x = torch.randn(m, k) * 2
     kernel, width = binary_cpu._bits_kernel(x, p.signs, p.mask, k)
     assert width == p.signs.shape[1] * 32
+    padded = F.pad(x, (0, width - k))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = kernel(F.pad(x, (0, width - k)))
+        runs = [kernel(padded, x, scale, bias) for scale, bias in [(None, None), (p.scale, None), (p.scale, p.bias)]]
+        bad = padded.clone()
+        bad[m // 2, k - 1] = float("nan" if m % 2 else "inf")
+        suspect = kernel(bad, bad, p.scale, p.bias)[1]
     finally:
         torch.set_num_threads(before)
-    want = x.double() @ (p.dense_weight().double() / p.scale.double()[:, None]).t()
+    products = x.double() @ (p.dense_weight().double() / p.scale.double()[:, None]).t()
     bound = 4 * EPS * x.abs().double().sum(-1, keepdim=True) + 1e-30
-    assert ((got.double() - want).abs() <= bound).all()
+    scale = p.scale.double()
+    for (got, flagged), want, slack in zip(runs, [products, products * scale, products * scale + p.bias.double()],
+                                          [bound, bound * scale.abs(), bound * scale.abs() + EPS * p.bias.abs()]):
+        assert not flagged
+        assert ((got.double() - want).abs() <= slack).all()
+    assert suspect
 
 
 def test_the_native_kernel_is_built_once_into_its_cache_and_missing_compilers_fall_back(tmp_path, monkeypatch):
@@ -413,10 +426,11 @@ def test_the_timed_choice_leaves_out_an_int8_gemm_that_does_not_pay_on_this_cpu(
     monkeypatch.setattr(binary_cpu, "int8_gemm_pays", lambda: False)
     p(torch.randn(1, 64))
     p(torch.randn(32, 64))
-    assert offered == [["bits", "dense"], ["dense"]]
+    bits = ["bits"] if native.bits_product() else []  # past BITS_ROWS only the AVX-512 kernel's
+    assert offered == [["bits", "dense"], bits + ["dense"]]
     monkeypatch.setattr(binary_cpu, "int8_gemm_pays", lambda: True)
     p(torch.randn(64, 64))
-    assert offered[-1] == ["int8", "dense"]
+    assert offered[-1] == bits + ["int8", "dense"]
 
 
 def _op_events(module: nn.Module, x: torch.Tensor) -> list[str]:
@@ -443,6 +457,9 @@ def test_a_loaded_program_runs_packed_layers_without_the_op_dispatch_and_still_t
         torch.testing.assert_close(loaded(x), plain(x), rtol=1e-5, atol=1e-5)  # routes may differ in summation order
         assert _op_events(plain, x) and not _op_events(loaded, x)  # the plain module goes through the op
         torch.testing.assert_close(torch.compile(loaded)(x), plain(x), rtol=1e-5, atol=1e-5)
+    # in grad mode too: AOT autograd traces the ops' backward under fake tensors (the unpacking table
+    # was once a module-level tensor, which that trace cannot take)
+    torch.testing.assert_close(torch.compile(fxopt.load(tmp_path / "out"))(x), plain(x), rtol=1e-5, atol=1e-5)
     exported = torch.export.export(loaded, (x,))
     ops = {n.target for n in exported.graph.nodes if n.op == "call_function"}
     assert {torch.ops.fxopt.binary_linear.default, torch.ops.fxopt.binary_conv.default} <= ops
