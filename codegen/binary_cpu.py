@@ -61,7 +61,7 @@ import functools
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -239,26 +239,54 @@ def binary_linear_cpu(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor,
     flat = (x if x.dim() == 2 else x.reshape(-1, in_features)).float()  # reshape and to() cost ~1 µs even as no-ops
     if flat.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
-    scale, bias = scale.float(), None if bias is None else bias.float()
-    route = _route_for(flat, signs, mask, in_features, activations, scale, bias)
-    y, suspect = RUNS[route](flat, signs, mask, in_features, activations, scale, bias)
+    low, high, steps = _leading_clamp(steps)
+    finish = Finish(scale.float(), None if bias is None else bias.float(), low, high)
+    route = _route_for(flat, signs, mask, in_features, activations, finish)
+    y, suspect = RUNS[route](flat, signs, mask, in_features, activations, finish)
     if suspect:
-        _non_finite_rows(y, flat, signs, mask, in_features, scale, bias)
+        _non_finite_rows(y, flat, signs, mask, in_features, finish)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     return ep.apply(y if x.dim() == 2 else y.reshape(*x.shape[:-1], n), steps, extras)
 
 
-def _scaled(acc: torch.Tensor, flat: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-            check: bool) -> tuple[torch.Tensor, bool]:
-    """What a route returns: (x·Wᵀ)⊙α + b from its unscaled products (in place where there is no
-    bias), and whether some row of x may not be finite (`check`: the route's numbers for such a
-    row differ from a dense layer's; 2 µs at 1 × 4096)."""
+class Finish(NamedTuple):
+    """What every route applies to its products x·Wᵀ: clamp((x·Wᵀ)⊙scale + bias, low, high), the
+    bounds those of a relu or clamp the epilogue chain starts with (±inf: none). Folded in here,
+    such a step costs no pass of its own (the AVX-512 kernel applies it in registers)."""
+    scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+    low: float = -math.inf
+    high: float = math.inf
+
+
+def _leading_clamp(steps: ep.Steps) -> tuple[float, float, ep.Steps]:
+    """The bounds of the chain's first step where it is a relu or a clamp, and the steps after it."""
+    if steps and steps[0] == ("relu",):
+        return 0.0, math.inf, steps[1:]
+    if steps and steps[0][0] == "clamp":
+        low, high = steps[0][1:]
+        return (-math.inf if low is None else low), (math.inf if high is None else high), steps[1:]
+    return -math.inf, math.inf, steps
+
+
+def _scaled(acc: torch.Tensor, flat: torch.Tensor, finish: Finish, check: bool) -> tuple[torch.Tensor, bool]:
+    """What a route returns: `finish` applied to its unscaled products (in place but for the bias),
+    and whether some row of x may not be finite (`check`: the route's numbers for such a row
+    differ from a dense layer's; 2 µs at 1 × 4096)."""
     suspect = check and not math.isfinite(flat.sum().item())
-    return (acc.mul_(scale) if bias is None else torch.addcmul(bias, acc, scale)), suspect
+    return _finished(acc, finish, in_place=True), suspect
+
+
+def _finished(acc: torch.Tensor, finish: Finish, in_place: bool = False) -> torch.Tensor:
+    scale, bias, low, high = finish
+    y = (acc.mul_(scale) if in_place else acc * scale) if bias is None else torch.addcmul(bias, acc, scale)
+    if low > -math.inf or high < math.inf:
+        y = y.clamp_(None if low == -math.inf else low, None if high == math.inf else high)
+    return y
 
 
 def _non_finite_rows(y: torch.Tensor, flat: torch.Tensor, signs: torch.Tensor, mask: Optional[torch.Tensor],
-                     in_features: int, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+                     in_features: int, finish: Finish) -> None:
     """In place: the rows of `y` whose input holds an inf or a NaN, as an fp32 GEMM computes them.
     The planes of such a row are not defined (its scale is not finite; `int8` activations quantize
     it likewise) and the bits loop's 2·Σ bit·x − Σ x turns ±inf into NaN, so each would return
@@ -266,8 +294,7 @@ def _non_finite_rows(y: torch.Tensor, flat: torch.Tensor, signs: torch.Tensor, m
     weight for."""
     bad = ~torch.isfinite(flat).all(-1)
     if bad.any():  # else only a finite row's sum overflowed
-        acc = F.linear(flat[bad], unpack_weight(signs, mask, in_features, torch.float32))
-        y[bad] = acc * scale if bias is None else torch.addcmul(bias, acc, scale)
+        y[bad] = _finished(F.linear(flat[bad], unpack_weight(signs, mask, in_features, torch.float32)), finish)
 
 
 @contextlib.contextmanager
@@ -288,7 +315,7 @@ def chosen_routes(signs: torch.Tensor) -> list[str]:
     return sorted(set(_route.get(signs, {}).values()))
 
 
-def _route_for(flat, signs, mask, in_features, activations, scale, bias) -> str:
+def _route_for(flat, signs, mask, in_features, activations, finish) -> str:
     bucket = 1 << (flat.shape[0] - 1).bit_length()
     bits = lambda: ((bucket <= BITS_ROWS or native.bits_product() is not None)  # noqa: E731
                     and _bits_kernel(flat, signs, mask, in_features) is not None)
@@ -300,7 +327,7 @@ def _route_for(flat, signs, mask, in_features, activations, scale, bias) -> str:
     if key not in routes:
         routes = _route[signs] = {k: r for k, r in routes.items() if k[0] == state}  # planes changed: choose anew
         candidates = [r for r in ROUTES if (r != "bits" or bits()) and (r != "int8" or int8_gemm_pays())]
-        routes[key] = _fastest(candidates, flat, signs, mask, in_features, activations, scale, bias)
+        routes[key] = _fastest(candidates, flat, signs, mask, in_features, activations, finish)
         used = set(routes.values())
         for table, route in ((_dense, "dense"), (_prepacked, "int8"), (_ternary, "bits"), (_lut, "bits")):
             if route not in used:
@@ -308,8 +335,8 @@ def _route_for(flat, signs, mask, in_features, activations, scale, bias) -> str:
     return routes[key]
 
 
-def _via_int8(flat, signs, mask, in_features, activations, scale, bias) -> tuple[torch.Tensor, bool]:
-    """(x·Wᵀ)⊙α + b by the int8 GEMM on the activation planes (`_scaled`)."""
+def _via_int8(flat, signs, mask, in_features, activations, finish) -> tuple[torch.Tensor, bool]:
+    """x·Wᵀ, finished (`_scaled`), by the int8 GEMM on the activation planes."""
     w = _weight(signs, mask, in_features)
     count = PLANES[activations]
     us, s = unsigned_planes(flat, count)
@@ -322,21 +349,21 @@ def _via_int8(flat, signs, mask, in_features, activations, scale, bias) -> tuple
         acc = _gemm(us[0], w)
         for i in range(1, count):
             acc = acc.add_(_gemm(us[i], w), alpha=STEP ** -i)
-    return _scaled(acc.mul_(s), flat, scale, bias, check=True)
+    return _scaled(acc.mul_(s), flat, finish, check=True)
 
 
-def _via_dense(flat, signs, mask, in_features, activations, scale, bias) -> tuple[torch.Tensor, bool]:
-    """(x·Wᵀ)⊙α + b by an fp32 GEMM on the ±1 weight unpacked once (int8: on the quantized x)."""
+def _via_dense(flat, signs, mask, in_features, activations, finish) -> tuple[torch.Tensor, bool]:
+    """x·Wᵀ, finished, by an fp32 GEMM on the ±1 weight unpacked once (int8: on the quantized x)."""
     x = flat if activations == "exact" else fake_quantize(flat)
     acc = F.linear(x, _dense_weight(signs, mask, in_features))
-    return _scaled(acc, flat, scale, bias, check=activations != "exact")
+    return _scaled(acc, flat, finish, check=activations != "exact")
 
 
 def _bits_kernel(flat, signs, mask, in_features) -> Optional[tuple[Callable[..., tuple[torch.Tensor, bool]], int]]:
-    """How the bits route computes rows like `flat`: (kernel, width), where kernel(x, flat, scale,
-    bias) takes x zero-padded to `width` columns and returns what a route returns (`_scaled`):
-    the AVX-512 kernel where it runs (scale and bias None: the bare x·Wᵀ), which finishes each
-    output itself, else Inductor's loop; None where neither can run."""
+    """How the bits route computes rows like `flat`: (kernel, width), where kernel(x, flat, finish)
+    takes x zero-padded to `width` columns and returns what a route returns (`_scaled`): the
+    AVX-512 kernel where it runs, which finishes each output itself (`finish` None: the bare
+    x·Wᵀ), else Inductor's loop; None where neither can run."""
     native_product = native.bits_product()
     if native_product is not None:
         return _native_kernel(native_product, signs, mask, in_features), signs.shape[1] * WORD
@@ -344,7 +371,7 @@ def _bits_kernel(flat, signs, mask, in_features) -> Optional[tuple[Callable[...,
     kernel = _kernel(flat, words, bits)
     if kernel is None:
         return None
-    return (lambda x, flat, scale, bias: _scaled(kernel(x, words), flat, scale, bias, check=True),
+    return (lambda x, flat, finish: _scaled(kernel(x, words), flat, finish, check=True),
             words.shape[1] * (WORD // bits))
 
 
@@ -360,14 +387,15 @@ def _native_kernel(product: Callable[..., int], signs: torch.Tensor, mask: Optio
         n, words = signs.shape
         pointers = plus.data_ptr(), None if minus is None else minus.data_ptr()
 
-        def run(x, flat, scale, bias):
+        def run(x, flat, finish):
             # x contiguous (`_via_bits`); scale, bias made so and held until the call returns
             out = x.new_empty(x.shape[0], n)
+            scale, bias, low, high = finish or (None, None, -math.inf, math.inf)
             scale = None if scale is None else scale.contiguous()
             bias = None if bias is None else bias.contiguous()
             suspect = product(x.data_ptr(), *pointers, None if scale is None else scale.data_ptr(),
-                              None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], n, words,
-                              torch.get_num_threads())
+                              None if bias is None else bias.data_ptr(), low, high, out.data_ptr(), x.shape[0], n,
+                              words, torch.get_num_threads())
             if suspect < 0:
                 raise MemoryError(f"fxopt: the AVX-512 bits kernel could not allocate {x.shape[0]} row sums")
             return out, bool(suspect)
@@ -387,12 +415,12 @@ def lut_layout(words: torch.Tensor) -> torch.Tensor:
     return rows.view(-1, 16, rows.shape[1]).transpose(1, 2).contiguous()
 
 
-def _via_bits(flat, signs, mask, in_features, activations, scale, bias) -> tuple[torch.Tensor, bool]:
-    """(x·Wᵀ)⊙α + b by a loop over the packed words (int8: on the quantized x)."""
+def _via_bits(flat, signs, mask, in_features, activations, finish) -> tuple[torch.Tensor, bool]:
+    """x·Wᵀ, finished, by a loop over the packed words (int8: on the quantized x)."""
     x = flat if activations == "exact" else fake_quantize(flat)
     kernel, width = _bits_kernel(x, signs, mask, in_features)
     x = F.pad(x, (0, width - in_features)) if width != in_features else x.contiguous()  # the tail's weights are 0
-    return kernel(x, flat, scale, bias)
+    return kernel(x, flat, finish)
 
 
 RUNS = {"bits": _via_bits, "int8": _via_int8, "dense": _via_dense}
@@ -442,7 +470,7 @@ def _kernel(x: torch.Tensor, words: torch.Tensor, bits: int) -> Optional[Callabl
     return _kernels[key]
 
 
-def _fastest(candidates, flat, signs, mask, in_features, activations, scale, bias, reps: int = 3) -> str:
+def _fastest(candidates, flat, signs, mask, in_features, activations, finish, reps: int = 3) -> str:
     """The fastest route on this input: each run once to warm up, then `reps` rounds that run every
     candidate in turn (9 where the calls are under 2 ms), each taking its fastest time: a burst of
     load on a shared machine then slows one run of each rather than every run of one (at 4096 ×
@@ -450,13 +478,13 @@ def _fastest(candidates, flat, signs, mask, in_features, activations, scale, bia
     the int8 GEMM on stacked planes ran 6.6×)."""
     runs = {name: RUNS[name] for name in candidates}
     for run in runs.values():  # first use: derived forms made, kernels compiled
-        run(flat, signs, mask, in_features, activations, scale, bias)
+        run(flat, signs, mask, in_features, activations, finish)
     seconds = dict.fromkeys(runs, float("inf"))
     done, rounds = 0, reps
     while done < rounds:
         for name, run in runs.items():
             start = time.perf_counter()
-            run(flat, signs, mask, in_features, activations, scale, bias)
+            run(flat, signs, mask, in_features, activations, finish)
             seconds[name] = min(seconds[name], time.perf_counter() - start)
         done += 1
         if done == 1 and max(seconds.values()) < 2e-3:

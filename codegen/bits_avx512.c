@@ -20,8 +20,10 @@
  *
  * x: (m, 32·W) floats, zero past K; out: (m, n). Each thread takes a contiguous range of output
  * blocks and walks K in chunks whose tables it builds itself (TABLE_FLOATS), adding each chunk's
- * sums into `out`. With `scale` (n floats; and `bias`, n floats or NULL) the
- * last chunk finishes each output, y·scale + bias. Returns 1 where some row's Σ x is not finite (an
+ * sums into `out`. With `scale` (n floats; and `bias`, n floats or NULL) the last chunk finishes
+ * each output, clamp(y·scale + bias, low, high) (±inf: no bound; a NaN stays NaN, as in
+ * torch.clamp): a relu or clamp the fuse pass put after the layer then costs no second pass over
+ * the output, which on 2 cores would also read the half the other core wrote. Returns 1 where some row's Σ x is not finite (an
  * inf or a NaN in the row, or a sum that overflowed: the caller recomputes such rows), -1 where
  * memory for the row sums could not be had, else 0.
  */
@@ -107,7 +109,8 @@ static inline __attribute__((always_inline)) void block_sums(const uint8_t *wp, 
 /* minus == NULL: binary, `plus` the sign plane's layout; else ternary, plus and minus the layouts of
  * mask ∧ sign and mask ∧ ¬sign. scale == NULL: the bare products. */
 int fxopt_bits_product(const float *x, const uint8_t *plus, const uint8_t *minus, const float *scale,
-                       const float *bias, float *out, int64_t m, int64_t n, int64_t words, int threads) {
+                       const float *bias, float low, float high, float *out, int64_t m, int64_t n, int64_t words,
+                       int threads) {
     int64_t pairs = 4 * words, blocks = (n + 15) / 16, stride = 32 * words;
     float few[64], *sums = m <= 64 ? few : malloc(sizeof(float) * m);
     int binary = minus == 0, finite = 1;
@@ -160,6 +163,8 @@ int fxopt_bits_product(const float *x, const uint8_t *plus, const uint8_t *minus
                                 y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(keep, scale + o));
                                 if (bias)
                                     y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(keep, bias + o));
+                                /* y second: max/min return their second operand where one is NaN */
+                                y = _mm512_min_ps(_mm512_set1_ps(high), _mm512_max_ps(_mm512_set1_ps(low), y));
                             }
                         }
                         _mm512_mask_storeu_ps(dst, keep, y);

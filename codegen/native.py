@@ -70,8 +70,9 @@ def build(source: Path, flags: list[str]) -> Path:
 
 @functools.cache
 def bits_product() -> Optional[Callable[..., int]]:
-    """The C function `fxopt_bits_product(x, plus, minus, scale, bias, out, m, n, words, threads)`
-    (raw pointers; minus NULL for binary, scale and bias NULL for the bare product; returns 1 where
+    """The C function `fxopt_bits_product(x, plus, minus, scale, bias, low, high, out, m, n, words,
+    threads)` (raw pointers; minus NULL for binary, scale and bias NULL for the bare product, low and
+    high the bounds of a clamp after them; returns 1 where
     a row's sum is not finite, -1 where it could not allocate; see bits_avx512.c), or None where it
     cannot run here."""
     if os.environ.get("FXOPT_NATIVE", "1") == "0" or torch.backends.cpu.get_cpu_capability() != "AVX512":
@@ -83,6 +84,6 @@ def bits_product() -> Optional[Callable[..., int]]:
         log.warning("fxopt: the AVX-512 bits kernel could not be built (%s%s); using Inductor's loop", e,
                     f": {detail.decode(errors='replace').strip()[:300]}" if detail else "")
         return None
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn

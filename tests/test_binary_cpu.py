@@ -17,6 +17,7 @@ from fxopt import rules
 from fxopt.codegen import binary_cpu, native, registry
 from fxopt.codegen import epilogue as ep
 from fxopt.codegen.binary import binary_linear, binary_linear_reference
+from fxopt.codegen.binary_cpu import Finish
 from fxopt.substitutes.binary import BinaryLinear, PackedBinaryLinear
 
 pytestmark = pytest.mark.skipif(not binary_cpu.available(), reason="this torch build has no oneDNN quantized linear")
@@ -139,17 +140,21 @@ def test_the_avx512_kernel_is_the_papers_sum_of_signed_inputs(m, n, k, ternary, 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        runs = [kernel(padded, x, scale, bias) for scale, bias in [(None, None), (p.scale, None), (p.scale, p.bias)]]
+        finishes = [None, Finish(p.scale, None), Finish(p.scale, p.bias), Finish(p.scale, p.bias, 0.0),
+                    Finish(p.scale, None, -0.5, 0.25)]
+        runs = [kernel(padded, x, finish) for finish in finishes]
         bad = padded.clone()
         bad[m // 2, k - 1] = float("nan" if m % 2 else "inf")
-        suspect = kernel(bad, bad, p.scale, p.bias)[1]
+        suspect = kernel(bad, bad, Finish(p.scale, p.bias))[1]
     finally:
         torch.set_num_threads(before)
     products = x.double() @ (p.dense_weight().double() / p.scale.double()[:, None]).t()
     bound = 4 * EPS * x.abs().double().sum(-1, keepdim=True) + 1e-30
-    scale = p.scale.double()
-    for (got, flagged), want, slack in zip(runs, [products, products * scale, products * scale + p.bias.double()],
-                                          [bound, bound * scale.abs(), bound * scale.abs() + EPS * p.bias.abs()]):
+    scale, bias = p.scale.double(), p.bias.double()
+    wants = [products, products * scale, products * scale + bias, (products * scale + bias).clamp(0),
+             (products * scale).clamp(-0.5, 0.25)]
+    slacks = [bound] + [bound * scale.abs() + EPS * bias.abs()] * 4
+    for (got, flagged), want, slack in zip(runs, wants, slacks):
         assert not flagged
         assert ((got.double() - want).abs() <= slack).all()
     assert suspect
@@ -211,6 +216,25 @@ def test_exact_path_keeps_leading_dims_zero_rows_dtypes_and_epilogues():
     half = p(x.bfloat16())
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), F.linear(x.bfloat16().float(), p.dense_weight(), p.bias), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("route", ["bits", "bits-inductor", "int8", "dense"])
+@pytest.mark.parametrize("chain", [[["relu"]], [["clamp", -0.5, None], ["mul", 2.0]], [["clamp", None, 0.25]],
+                                   [["clamp", 0.3, -0.2]], [["gelu"], ["clamp", 0.0, 1.0]]],
+                         ids=["relu", "clamp-low-then-mul", "clamp-high", "crossed-bounds", "gelu-first"])
+def test_a_leading_relu_or_clamp_is_applied_by_every_route_as_torch_does(route, chain, monkeypatch):
+    # folded into each route's finish (the AVX-512 kernel: in registers); NaN rows stay NaN
+    if route == "bits-inductor":
+        route = "bits"
+        without_native(monkeypatch)
+    p = packed(37, 45, seed=9)
+    x = torch.randn(5, 45) * 3
+    x[2, 4] = float("nan")
+    with binary_cpu.forced_route(route):
+        got = binary_linear(x, p.signs, p.scale, p.bias, p.mask, 45, [], ep.encode(chain), "exact")
+    want = ep.apply(F.linear(x.double(), p.dense_weight().double(), p.bias.double()), ep.check(chain), [])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert got[2].isnan().all()
 
 
 def test_backend_torch_runs_the_reference():
