@@ -246,7 +246,8 @@ def _eager_inference(tensors: list[torch.Tensor]) -> bool:
         return False  # first: Dynamo cannot trace the functorch query below
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if type(t) is not torch.Tensor or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if (type(t) is not torch.Tensor or (grad and t.requires_grad)
+                or torch._C._functorch.is_functorch_wrapped_tensor(t)):
             return False
     return True
 

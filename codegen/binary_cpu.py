@@ -13,7 +13,7 @@ computes up to float summation order. Two implementations, the first that runs h
   64 weights cost one permute and one add (binary: 2·Σ_{bit set} x − Σ x; ternary: the lookups of
   its +1 plane minus those of its −1 plane, made once from the sign and mask planes, the same 2
   bits per weight). The kernel reads the bits regrouped once per weight (`lut_layout`, the same
-  size) and finishes each output itself (·α + b, and flags rows whose sum is not finite). 4096 ×
+  size) and finishes each output itself (`Finish`; it flags rows whose sum is not finite). 4096 ×
   4096 at batch 1: ~0.14 ms on 2 cores, dense fp32 ~3.5 ms; it stays ahead of the int8 GEMM to
   64 rows and more.
 * Elsewhere, up to BITS_ROWS rows: an Inductor-compiled kernel (generated C++, SIMD) that walks
@@ -43,13 +43,15 @@ Activations (per row of x; s = a power of two with max|x| / s in (63.5, 127], so
 
 Choosing: for each weight and batch-size bucket (powers of two) the first call times the routes
 on its own input (interleaved rounds, each route's fastest run) and keeps the fastest: `bits`
-(the AVX-512 kernel at any bucket; Inductor's up to BITS_ROWS), the int8 GEMM (where `int8_gemm_pays` on this CPU), or `F.linear` on an
-fp32 copy of the ±1 weight unpacked once (small layers, whose weights sit in cache and where the
-int8 route's fixed costs of splitting and combining dominate). With `int8`
-activations every route computes on the quantized rows, which keeps the numbers of that setting.
-A derived form (the int8 matrix, ¼ of fp32; the fp32 copy; the regrouped bits) is kept only while
-some bucket's route uses it; the saved file holds 1 bit per weight either way. `forced_route` pins one route (tests,
-benchmarks).
+(the AVX-512 kernel at any bucket; Inductor's up to BITS_ROWS), the int8 GEMM (where
+`int8_gemm_pays` on this CPU), or `F.linear` on an fp32 copy of the ±1 weight unpacked once (small
+layers, whose weights sit in cache and where the int8 route's fixed costs of splitting and
+combining dominate). With `int8` activations every route computes on the quantized rows, which
+keeps the numbers of that setting. A derived form (the int8 matrix, ¼ of fp32; the fp32 copy; the
+regrouped bits) is kept only while some bucket's route uses it; the saved file holds 1 bit per
+weight either way. `forced_route` pins one route (tests, benchmarks).
+
+Every route ends with `Finish`: scale, bias, and a relu or clamp that starts the fused epilogue.
 
 Only where oneDNN's quantized linear is present (x86 builds of torch); elsewhere the reference runs.
 """

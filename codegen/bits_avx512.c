@@ -1,4 +1,4 @@
-/* The packed 1-bit / ternary product for a few rows on x86 CPUs with AVX-512 (codegen/native.py
+/* The packed 1-bit / ternary product on x86 CPUs with AVX-512, at any batch size (codegen/native.py
  * builds it, codegen/binary_cpu.py calls it): table lookups, as T-MAC does for low-bit weights,
  * in fp32.
  *
@@ -23,9 +23,9 @@
  * sums into `out`. With `scale` (n floats; and `bias`, n floats or NULL) the last chunk finishes
  * each output, clamp(y·scale + bias, low, high) (±inf: no bound; a NaN stays NaN, as in
  * torch.clamp): a relu or clamp the fuse pass put after the layer then costs no second pass over
- * the output, which on 2 cores would also read the half the other core wrote. Returns 1 where some row's Σ x is not finite (an
- * inf or a NaN in the row, or a sum that overflowed: the caller recomputes such rows), -1 where
- * memory for the row sums could not be had, else 0.
+ * the output, which on 2 cores would also read the half the other core wrote. Returns 1 where some
+ * row's Σ x is not finite (an inf or a NaN in the row, or a sum that overflowed: the caller
+ * recomputes such rows), -1 where memory for the row sums could not be had, else 0.
  */
 #include <immintrin.h>
 #include <math.h>

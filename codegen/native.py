@@ -1,9 +1,9 @@
 """Native CPU kernels, built from their C source on first use and called through ctypes.
 
 `bits_product()` is the packed 1-bit / ternary product (`bits_avx512.c`: table lookups, one
-AVX-512 permute per 64 weights, in fp32). It exists only where the CPU has AVX-512 (as torch detects it) and a C compiler with OpenMP
-is found ($CC, else gcc, cc, clang); elsewhere it is None and codegen/binary_cpu.py compiles its
-loop with Inductor instead. $FXOPT_NATIVE=0 turns it off.
+AVX-512 permute per 64 weights, in fp32). It exists only where the CPU has AVX-512 (as torch
+detects it) and a C compiler with OpenMP is found ($CC, else gcc, cc, clang); elsewhere it is None
+and codegen/binary_cpu.py compiles its loop with Inductor instead. $FXOPT_NATIVE=0 turns it off.
 
 The shared object is built once per source and compiler into $FXOPT_CACHE_DIR (default
 $XDG_CACHE_HOME/fxopt or ~/.cache/fxopt; the system's temporary folder where that cannot be made),
@@ -72,9 +72,8 @@ def build(source: Path, flags: list[str]) -> Path:
 def bits_product() -> Optional[Callable[..., int]]:
     """The C function `fxopt_bits_product(x, plus, minus, scale, bias, low, high, out, m, n, words,
     threads)` (raw pointers; minus NULL for binary, scale and bias NULL for the bare product, low and
-    high the bounds of a clamp after them; returns 1 where
-    a row's sum is not finite, -1 where it could not allocate; see bits_avx512.c), or None where it
-    cannot run here."""
+    high the bounds of a clamp after them; returns 1 where a row's sum is not finite, -1 where it
+    could not allocate; see bits_avx512.c), or None where it cannot run here."""
     if os.environ.get("FXOPT_NATIVE", "1") == "0" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
     try:
@@ -84,6 +83,7 @@ def bits_product() -> Optional[Callable[..., int]]:
         log.warning("fxopt: the AVX-512 bits kernel could not be built (%s%s); using Inductor's loop", e,
                     f": {detail.decode(errors='replace').strip()[:300]}" if detail else "")
         return None
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [pointer] * 5 + [ctypes.c_float] * 2 + [pointer] + [size] * 3 + [ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn

@@ -178,10 +178,10 @@ def inference_module(program: torch.export.ExportedProgram) -> nn.Module:
     return module
 
 
-def _check_inputs_in_forward(module: nn.Module) -> bool:
+def _check_inputs_in_forward(module: nn.Module) -> None:
     """In place, where `module` is what torch.export's `module()` makes here: its three per-call hooks
     go, and `forward` compares the inputs' structure with the export's only when they are not
-    simply the exported number of tensors. Returns whether it did.
+    simply the exported number of tensors.
 
     Those hooks are: the input check, which (the graph calling its own `_guards_fn`, which checks
     shapes and values) only flattens the inputs with their paths to compare their tree structure
@@ -198,24 +198,22 @@ def _check_inputs_in_forward(module: nn.Module) -> bool:
     spec = getattr(module, "_in_spec", None)
     if not (hasattr(module, "_guards_fn") and spec is not None and len(pre) == 2 and len(post) == 1
             and pre[1] is _unlift._check_input_constraints_pre_hook):
-        return False
+        return
     count = spec.num_leaves
     if not _unlift.eq_spec(pytree.tree_structure((tuple(torch.empty(0) for _ in range(count)), {})), spec):
-        return False
+        return
     module._forward_pre_hooks.clear()
     module._forward_pre_hooks_with_kwargs.clear()
     module._forward_hooks.clear()
     module._forward_hooks_always_called.clear()
-    graph_forward = type(module).forward
 
     def forward(*args, **kwargs):
         if module.validate_inputs and (kwargs or len(args) != count
                                        or not all(isinstance(a, torch.Tensor) for a in args)):
             _unlift._check_inputs_match(args, kwargs, spec)  # raises the export's message on a mismatch
-        return graph_forward(module, *args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)  # the graph's code, also after a recompile
 
     module.forward = forward
-    return True
 
 
 class FixedBatch(nn.Module):
