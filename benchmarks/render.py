@@ -129,14 +129,15 @@ def kron_trained(r: dict) -> list[str]:
 
 def examples(r: dict) -> list[str]:
     lines = [
-        "## Whole examples with `rules/kron.yaml` (CPU)", "", machine(r), "",
+        f"## Whole examples with `rules/kron.yaml` (CPU: {r['machine']['cpu']})", "", machine(r), "",
+        *([r["note"], ""] if "note" in r else []),
         "`fxopt bench` on each example: the original model against the rewritten one (the program",
         "`fxopt.load` returns), each eager and under `torch.compile`. Speed-ups: **best against best**",
         "(the faster of eager and compiled on each side) · eager against eager · compiled",
         "against compiled. The error columns say what the speed costs (the examples have random weights,",
         "the worst case for a Kronecker approximation: docs/experiments/kron_examples.md).", "",
     ]
-    return lines + _example_rows(r, "examples_cpu.json")
+    return lines + _example_rows(r)
 
 
 def examples_efficient(r: dict) -> list[str]:
@@ -147,10 +148,10 @@ def examples_efficient(r: dict) -> list[str]:
         "The rules are gated (`require_speedup`): `applied` lists the sites whose substitute was",
         "measured fast enough during `optimize`; the others kept their original layer.", "",
     ]
-    return lines + _example_rows(r, "examples_efficient_cpu.json", rules_column=True)
+    return lines + _example_rows(r, rules_column=True)
 
 
-def _example_rows(r: dict, raw: str, rules_column: bool = False) -> list[str]:
+def _example_rows(r: dict, rules_column: bool = False) -> list[str]:
     extra = ("| rules | applied " if rules_column else "")
     lines = [
         f"| example {extra}| input | original µs | original+compile µs | fxopt µs | fxopt+compile µs | speed-up | params÷ | FLOPs÷ | cosine | top-1 agreement |",
@@ -165,7 +166,7 @@ def _example_rows(r: dict, raw: str, rules_column: bool = False) -> list[str]:
             f"{us['original+compile']} | {us['fxopt']} | {us['fxopt+compile']} | **{sp['best']}** · {sp['eager']} · "
             f"{sp['compiled']} | {size['params_before'] / size['params_after']:.1f} | "
             f"{size['flops_before'] / size['flops_after']:.2f} | {acc['cosine']:.3f} | {top1} |")
-    return lines + ["", f"Raw numbers: `benchmarks/results/{raw}`.", ""]
+    return lines + ["", f"Raw numbers: `benchmarks/results/{r['file']}`.", ""]
 
 
 def layerwise_cnn(r: dict) -> list[str]:
@@ -448,7 +449,7 @@ def main() -> None:
              ("kron_linear_large_cpu_xeon.json", kron_linear_large),
              ("kron_build_cpu.json", kron_build), ("kron_trained_cpu.json", kron_trained),
              ("kron_trained_digits_cpu.json", kron_trained),
-             ("examples_cpu.json", examples),
+             ("examples_cpu.json", examples), ("examples_cpu_xeon.json", examples),
              ("examples_efficient_cpu.json", examples_efficient)]
     files += [(p.name, layerwise_cnn) for p in sorted(RESULTS.glob("layerwise_cnn*_cpu.json"))]  # one per seed
     files += [("layerwise_distributed_cpu.json", layerwise_distributed),
