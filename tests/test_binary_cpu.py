@@ -280,6 +280,9 @@ def test_int8_bound_follows_from_the_quantization_step():
     x = torch.randn(7, 90) * 5
     q = binary_cpu.fake_quantize(x)
     s = binary_cpu.row_scale(x)
+    (plane,), same = binary_cpu.planes(x, 1)
+    assert torch.equal(same, s) and torch.equal(q, plane.float() * s)  # the int8 GEMM's one plane, in floats
+    assert torch.equal(binary_cpu.fake_quantize(x.view(1, 7, 90).double()), q.view(1, 7, 90).double())  # leading dims
     assert ((x - q).abs() <= s / 2).all() and ((q / s) == (q / s).round()).all() and (q / s).abs().max() <= 127
     assert ((x.abs().amax(-1, keepdim=True) / s) > 63.5).all()  # the step is as fine as int8 allows
     planes, s = binary_cpu.planes(x, 3)
