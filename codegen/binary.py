@@ -28,14 +28,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fxopt.bits import unpack_weight, words_for
 
 from . import epilogue as ep
 from .binary_cpu import ACTIVATIONS, available, binary_linear_cpu, fake_quantize, kept, planes_state
-from .registry import HAVE_TRITON, direct_call, interpreted, pick
+from .registry import HAVE_TRITON, direct_call, eager_inference, interpreted, pick
 
 GEMV_MAX_ROWS = 16
 
@@ -235,21 +234,8 @@ def _checked_steps(epilogue: str, extras: list[torch.Tensor], activations: str) 
 
 
 def _eager_inference_on_cpu(x: torch.Tensor, extras: list[torch.Tensor]) -> bool:
-    return (x.is_cpu and _eager_inference([x, *extras] if extras else [x])
+    return (x.is_cpu and eager_inference([x, *extras] if extras else [x])
             and pick(x, None, None, binary_linear_cpu if available() else None) is binary_linear_cpu)
-
-
-def _eager_inference(tensors: list[torch.Tensor]) -> bool:
-    """Plain tensors, run eagerly, nothing recording them or needing their gradient. (A plain loop:
-    this runs before every packed layer's call, where generators cost a few µs.)"""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
-        return False  # first: Dynamo cannot trace the functorch query below
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if (type(t) is not torch.Tensor or (grad and t.requires_grad)
-                or torch._C._functorch.is_functorch_wrapped_tensor(t)):
-            return False
-    return True
 
 
 @binary_linear.register_fake
@@ -343,7 +329,7 @@ def binary_conv_call(x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, 
                      dilation: list[int], groups: int) -> torch.Tensor:
     """What a packed convolution calls: the op, or in eager inference (as `binary_linear_call`
     decides) the op's body directly."""
-    if _eager_inference([x]):
+    if eager_inference([x]):
         return _conv(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups)
     return binary_conv(x, signs, scale, bias, mask, shape, stride, padding, dilation, groups)
 

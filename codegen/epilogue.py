@@ -19,7 +19,7 @@ Three things come from one chain, so they cannot drift apart:
 * `source(steps)`: the Triton source of `epilogue(acc, rows, cols, mask, e0, r0, c0, …)`, the
   constexpr hook a kernel template calls on its fp32 accumulator tile;
 * `kernel_function(steps)`: that source written to a disk cache keyed by its hash
-  ($FXOPT_CACHE_DIR, default ~/.cache/fxopt/epilogues), imported, and returned as a JITFunction.
+  (`registry.cache_root()`/epilogues), imported, and returned as a JITFunction.
   With FXOPT_DEBUG=1 the source is printed (to stderr) the first time it is loaded.
 
 The chain travels through `torch.library` ops as JSON text (`encode` / `decode`): a custom op takes
@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import cache_root
 
 MAX_EXTRAS = 4
 aten = torch.ops.aten
@@ -127,6 +129,18 @@ def decode(text: str) -> Steps:
     return check(json.loads(text)) if text else ()
 
 
+def leading_clamp(steps: Steps) -> tuple[float, float, Steps]:
+    """(low, high, the steps after it) where the chain starts with a relu or a clamp (relu is a
+    clamp to [0, inf); None bounds become ±inf), else (-inf, inf, steps): what a kernel that
+    clamps its own output can take over."""
+    if steps and steps[0] == ("relu",):
+        return 0.0, math.inf, steps[1:]
+    if steps and steps[0][0] == "clamp":
+        low, high = steps[0][1:]
+        return (-math.inf if low is None else low), (math.inf if high is None else high), steps[1:]
+    return -math.inf, math.inf, steps
+
+
 def extras_used(steps: Steps) -> int:
     return max((s[1] + 1 for s in steps if s[0] in BINARY and isinstance(s[1], int)), default=0)
 
@@ -181,7 +195,7 @@ def source(steps: Steps) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FXOPT_CACHE_DIR") or Path.home() / ".cache" / "fxopt") / "epilogues"
+    return cache_root() / "epilogues"
 
 
 _loaded: dict[Steps, Any] = {}  # chain → its JITFunction, once per process (kernels launch per call)

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from . import epilogue as ep
-from .registry import HAVE_TRITON, interpreted, pick
+from .registry import HAVE_TRITON, eager_inference, interpreted, pick
 
 
 def kron_linear_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
@@ -84,26 +84,18 @@ def kron_linear_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: O
     n2 = b.shape[2]
     flat = x.reshape(-1, n1 * n2)
     rows = flat.shape[0]
+    fused = bias is not None and bias.dtype == x.dtype  # else _finish adds it, promoting as elsewhere
     if isinstance(rows, int) and rows == 1:
-        fused = bias is not None and bias.dtype == x.dtype  # else _finish adds it, promoting as elsewhere
         return _finish(_one_row(flat, a, b, bias if fused else None), x, None if fused else bias, extras, steps)
     chunk = row_chunk(rows, r * m1 * n2) if isinstance(rows, int) else None
     if chunk is None:
         y = _rows(flat, a, b)
-    elif _traced_or_differentiated(flat, a, b, bias):  # Inductor writes each chunk into the cat itself
+    elif not eager_inference([flat], (a, b, bias)):  # traced or differentiated: no out=; Inductor fuses the cat
         y = torch.cat([_rows(flat[i:i + chunk], a, b) for i in range(0, rows, chunk)])
     else:
-        fused = bias is not None and bias.dtype == x.dtype
         y = _rows_into_one_output(flat, a, b, bias if fused else None, chunk)
         bias = None if fused else bias
     return _finish(y, x, bias, extras, steps)
-
-
-def _traced_or_differentiated(*tensors: Optional[torch.Tensor]) -> bool:
-    """True where `out=` writes are not allowed: under torch.compile / torch.export tracing, or when
-    autograd records the call (out= ops have no derivative)."""
-    return torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def _rows_into_one_output(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],

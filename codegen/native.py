@@ -5,8 +5,7 @@ AVX-512 permute per 64 weights, in fp32). It exists only where the CPU has AVX-5
 detects it) and a C compiler with OpenMP is found ($CC, else gcc, cc, clang); elsewhere it is None
 and codegen/binary_cpu.py compiles its loop with Inductor instead. $FXOPT_NATIVE=0 turns it off.
 
-The shared object is built once per source and compiler into $FXOPT_CACHE_DIR (default
-$XDG_CACHE_HOME/fxopt or ~/.cache/fxopt; the system's temporary folder where that cannot be made),
+The shared object is built once per source and compiler into fxopt's cache (`registry.cache_root`),
 written under a temporary name and renamed, so processes building it at once never load half a
 file. See docs/architecture.md.
 """
@@ -26,6 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .registry import cache_root
+
 SOURCE = Path(__file__).with_name("bits_avx512.c")
 FLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
 
@@ -36,18 +37,6 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CC") or next(filter(None, map(shutil.which, ("gcc", "cc", "clang"))), None)
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("FXOPT_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fxopt"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        return base
-    except OSError:
-        fallback = Path(tempfile.gettempdir()) / f"fxopt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
-
-
 def build(source: Path, flags: list[str]) -> Path:
     """The shared object of `source` built with `flags` (cached by content, compiler and flags).
     Raises OSError or subprocess.SubprocessError where it cannot be built."""
@@ -55,7 +44,7 @@ def build(source: Path, flags: list[str]) -> Path:
     if cc is None:
         raise OSError("no C compiler found ($CC, gcc, cc, clang)")
     key = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_root() / f"{source.stem}-{key}.so"
     if not target.exists():
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".so")
         os.close(fd)

@@ -22,11 +22,14 @@ eager inference on plain CPU tensors the op's body, without the custom-op dispat
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import fx
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -88,6 +91,36 @@ def pick(x: torch.Tensor, triton_impl, torch_impl, cpu_impl=None):
     if cpu_impl is not None and name == "auto" and x.is_cpu:
         return cpu_impl
     return torch_impl
+
+
+def eager_inference(tensors: list[torch.Tensor], weights: tuple[Optional[torch.Tensor], ...] = ()) -> bool:
+    """Plain `tensors` (inputs), run eagerly, nothing recording them, and neither they nor the
+    `weights` (a layer's parameters; None skipped) needing a gradient: where a kernel may skip the
+    custom op's dispatch or write through `out=`. (A plain loop: it runs before every such call,
+    where generators cost µs.)"""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False  # first: Dynamo cannot trace the functorch query below
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if (type(t) is not torch.Tensor or (grad and t.requires_grad)
+                or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return not (grad and any(w is not None and w.requires_grad for w in weights))
+
+
+def cache_root() -> Path:
+    """Where fxopt caches what it generates or builds (epilogue sources, native kernels):
+    $FXOPT_CACHE_DIR, else $XDG_CACHE_HOME/fxopt or ~/.cache/fxopt; the system's temporary folder
+    where that cannot be made."""
+    env = os.environ.get("FXOPT_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fxopt"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"fxopt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
 
 
 # op overload → the function that stands in for it (the op, or its body where nothing records or
